@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` and `make test`. Both install into ./.venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU machines take the CPU wheel of torch (a file on local disk where provided) before anything
+# else, so that no dependency pulls a multi-GB CUDA build. On a CUDA machine bring your own torch.
+TORCH_CPU ?= torch==2.13.0
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
+NPROC ?= 4
+
+.PHONY: install demo test lint clean
+
+$(VENV)/.installed: setup.py pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip setuptools wheel
+ifneq ($(HAS_GPU),yes)
+	$(PY) -m pip install "$(TORCH_CPU)"
+endif
+	$(PY) -m pip install -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) examples/demo.py
+
+test: install
+	$(PY) -m pytest -q tests
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

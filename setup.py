@@ -1,0 +1,48 @@
+"""megatron-longvila: long-video VLM training and serving with Multi-Modal Sequence Parallelism."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+setup(
+    name="megatron-longvila",
+    version="0.1.0",
+    description=(
+        "Megatron-core framework for long-context vision-language models on long videos, "
+        "with Multi-Modal Sequence Parallelism (MM-SP)"
+    ),
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_longvila", "megatron_longvila.*"]),
+    include_package_data=True,
+    install_requires=[
+        # A range: GPU users bring their own CUDA build of torch; CPU installs pin the local wheel
+        # first (see the Makefile) so that nothing here pulls a CUDA build.
+        "torch>=2.4,<2.15",
+        "megatron-core==0.16.1",
+        "megatron-energon==7.4.1",
+        "numpy",
+        "webdataset",
+        "sentencepiece",
+        "av",
+        "pyyaml",
+        "tqdm",
+        "safetensors",
+        "transformers",
+        "tensorboard",
+        "matplotlib",
+    ],
+    extras_require={
+        # apex is built from NVIDIA's source (github.com/NVIDIA/apex); the PyPI package named
+        # "apex" is unrelated and is deliberately not listed.
+        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+        "test": ["pytest>=8", "ruff"],
+    },
+    entry_points={
+        "console_scripts": [],
+    },
+)
