@@ -103,7 +103,7 @@ class VisionTower(MegatronModule):
         config = vision_transformer_config(cfg, pg_collection, params_dtype, transformer_overrides)
         super().__init__(config=config)
         self.cfg = cfg
-        self.tp_group = pg_collection.tp
+        self.tp_group = pg_collection.tp  # read by MegatronModule.sharded_state_dict
         self.patch_embedding = torch.nn.Conv2d(
             cfg.num_channels,
             cfg.hidden_size,
@@ -133,10 +133,6 @@ class VisionTower(MegatronModule):
         if self.head is not None:
             unused.append(self.head)
         return unused
-
-    def set_input_tensor(self, input_tensor: torch.Tensor) -> None:
-        # The tower always runs whole on one pipeline stage; nothing comes from a previous one.
-        pass
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """pixels [n, C, H, W] (normalized) → selected layer's features [n, patches, hidden]."""
