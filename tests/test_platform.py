@@ -219,6 +219,26 @@ def check_checkpoint_async_device(directory):
     _save_and_load(directory, async_save=True)
 
 
+def check_tied_embedding_setup_device():
+    from megatron.core import parallel_state
+
+    from megatron_longvila.models.config import LLMConfig
+    from megatron_longvila.models.llm import LanguageModel
+
+    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2)
+    first = parallel_state.is_pipeline_first_stage()
+    torch.manual_seed(torch.distributed.get_rank())  # different draws: the sync must matter
+    model = LanguageModel(
+        LLMConfig.preset("tiny", tie_word_embeddings=True),
+        pre_process=first,
+        post_process=not first,
+    )
+    weight = model.shared_embedding_or_output_weight().detach().clone()
+    peer = torch.empty_like(weight)
+    torch.distributed.all_reduce(peer.copy_(weight), op=torch.distributed.ReduceOp.MAX)
+    assert torch.equal(weight, peer), "both stages must hold the first stage's embedding"
+
+
 CHECKS = {name: globals()[f"check_{name}"] for name in ADAPTATION_NAMES}
 
 
@@ -266,15 +286,13 @@ import importlib, pkgutil, torch
 from megatron_longvila.core import platform
 before = {}
 for a in platform.ADAPTATIONS:
-    mod = importlib.import_module(a.module)
-    before[a.name] = getattr(mod, a.attribute)
+    before[a.name] = getattr(a.target(), a.attribute)
 current_device = torch.cuda.current_device
 import megatron_longvila
 for info in pkgutil.walk_packages(megatron_longvila.__path__, "megatron_longvila."):
     importlib.import_module(info.name)
 for a in platform.ADAPTATIONS:
-    mod = importlib.import_module(a.module)
-    assert getattr(mod, a.attribute) is before[a.name], a.name
+    assert getattr(a.target(), a.attribute) is before[a.name], a.name
 assert torch.cuda.current_device is current_device
 assert not platform.adaptations_active()
 print("untouched")

@@ -230,6 +230,31 @@ def _clip_grad_by_total_norm_fp32_cpu(
 
 
 # --------------------------------------------------------------------------------------------
+# CPU wrapper for LanguageModule.setup_embeddings_and_output_layer
+# --------------------------------------------------------------------------------------------
+
+
+def _keep_tensors_on_cpu_during(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` with ``Tensor.cuda()`` answering the tensor itself while it runs.
+
+    mcore moves the last pipeline stage's copy of a tied embedding with ``weight.data.cuda()``
+    before all-reducing it with the first stage's; on CPU the copy stays where it is. The swap
+    lasts only for the call (model construction, single-threaded).
+    """
+
+    def on_cpu(*args: Any, **kwargs: Any) -> Any:
+        original_cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda tensor, *a, **k: tensor  # type: ignore[method-assign]
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = original_cuda  # type: ignore[method-assign]
+
+    on_cpu.__name__ = method.__name__
+    return on_cpu
+
+
+# --------------------------------------------------------------------------------------------
 # The adaptations
 # --------------------------------------------------------------------------------------------
 
@@ -239,8 +264,8 @@ class Adaptation:
     """One CPU adaptation of a megatron-core spot.
 
     ``module`` is the megatron-core module; ``attribute`` the global replaced in it (``torch``
-    for the CPU view); ``adapts`` names the functions that need it; ``why`` says what fails
-    without it.
+    for the CPU view), or the method replaced in its class ``owner``; ``adapts`` names the
+    functions that need it; ``why`` says what fails without it.
     """
 
     name: str
@@ -249,6 +274,12 @@ class Adaptation:
     adapts: tuple[str, ...]
     why: str
     replacement: Callable[[Any], Any]  # original value -> replacement
+    owner: str | None = None  # a class in `module` whose attribute is replaced
+
+    def target(self) -> Any:
+        """The object whose ``attribute`` is replaced: the module, or its class ``owner``."""
+        module = importlib.import_module(self.module)
+        return module if self.owner is None else getattr(module, self.owner)
 
 
 # (name, megatron-core module, functions that need the CPU view, what they do with CUDA)
@@ -368,6 +399,16 @@ ADAPTATIONS: tuple[Adaptation, ...] = (
         for name, module, adapts, why in _CPU_VIEW_SPOTS
     ),
     Adaptation(
+        name="tied_embedding_setup_device",
+        module="megatron.core.models.common.language_module.language_module",
+        owner="LanguageModule",
+        attribute="setup_embeddings_and_output_layer",
+        adapts=("LanguageModule.setup_embeddings_and_output_layer",),
+        why="with pipeline stages and tied embeddings, the last stage's copy is moved with "
+        "Tensor.cuda() before it is synchronized with the first stage's",
+        replacement=_keep_tensors_on_cpu_during,
+    ),
+    Adaptation(
         name="clip_grad_by_total_norm_fp32",
         module="megatron.core.optimizer.optimizer",
         attribute="clip_grad_by_total_norm_fp32",
@@ -405,10 +446,10 @@ def adapt_megatron_for_cpu(force: bool = False, names: tuple[str, ...] | None = 
     for adaptation in _selected(names):
         if adaptation.name in _originals:
             continue
-        module = importlib.import_module(adaptation.module)
-        original = getattr(module, adaptation.attribute)
+        target = adaptation.target()
+        original = getattr(target, adaptation.attribute)
         _originals[adaptation.name] = original
-        setattr(module, adaptation.attribute, adaptation.replacement(original))
+        setattr(target, adaptation.attribute, adaptation.replacement(original))
     _reset_rng_tracker()
     return True
 
@@ -418,8 +459,7 @@ def undo_megatron_adaptations(names: tuple[str, ...] | None = None) -> None:
     for adaptation in reversed(_selected(names)):
         if adaptation.name not in _originals:
             continue
-        module = importlib.import_module(adaptation.module)
-        setattr(module, adaptation.attribute, _originals.pop(adaptation.name))
+        setattr(adaptation.target(), adaptation.attribute, _originals.pop(adaptation.name))
     _reset_rng_tracker()
 
 
