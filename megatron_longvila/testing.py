@@ -132,7 +132,19 @@ class RankPool:
         self._results: Any = None
 
     # ---- lifecycle ------------------------------------------------------------------------
-    def _start(self) -> None:
+    def _start(self, attempts: int = 3) -> None:
+        """Start the workers; retry on a fresh port if another process took the chosen one."""
+        for attempt in range(attempts):
+            try:
+                self._start_once()
+                return
+            except RankFailure as exc:
+                if "EADDRINUSE" not in str(exc) and "address already in use" not in str(exc):
+                    raise
+                if attempt == attempts - 1:
+                    raise
+
+    def _start_once(self) -> None:
         ctx = mp.get_context("spawn")
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(self.world_size)]

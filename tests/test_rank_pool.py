@@ -44,3 +44,21 @@ def test_hang_times_out_naming_the_ranks(ranks2):
     with pytest.raises(RankTimeout, match=r"rank\(s\) \[0, 1\] of 2 did not finish within 2s"):
         ranks2.run(_sleep, 60, timeout_s=2)
     assert ranks2.run(_rank_and_sum)[1] == (1, 3.0)
+
+
+def test_start_retries_when_the_port_is_taken(monkeypatch):
+    import socket
+
+    from megatron_longvila import testing
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    ports = iter([taken.getsockname()[1]])
+    real_free_port = testing.free_port
+    monkeypatch.setattr(testing, "free_port", lambda: next(ports, None) or real_free_port())
+    try:
+        with testing.RankPool(2) as pool:
+            assert pool.run(_rank_and_sum) == [(0, 3.0), (1, 3.0)]
+    finally:
+        taken.close()
