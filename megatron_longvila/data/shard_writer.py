@@ -71,6 +71,12 @@ def _tar_member_bytes(size: int) -> int:
     return tarfile.BLOCKSIZE + -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
+def _tar_file_bytes(member_bytes: int) -> int:
+    """Size of a tar holding members of ``member_bytes``: plus two zero end blocks, rounded up
+    to whole 10 KiB records as tarfile writes it."""
+    return -(-(member_bytes + 2 * tarfile.BLOCKSIZE) // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+
+
 class ShardWriter:
     """Writes samples into tar shards of bounded size under one folder."""
 
@@ -96,7 +102,7 @@ class ShardWriter:
         full = self._tar is None or (
             self._samples > 0
             and (
-                self._bytes + size > self.max_bytes
+                _tar_file_bytes(self._bytes + size) > self.max_bytes
                 or (self.max_samples is not None and self._samples >= self.max_samples)
             )
         )
@@ -227,7 +233,7 @@ def write_webdataset(
     the JSONL's folder."""
     jsonl, out_dir = Path(jsonl), Path(out_dir)
     media_root = Path(media_root if media_root is not None else jsonl.parent).resolve()
-    if max_shard_bytes < tarfile.BLOCKSIZE * 4:
+    if max_shard_bytes < tarfile.RECORDSIZE:
         raise ValueError(f"max_shard_bytes={max_shard_bytes} is too small for a tar shard")
     _prepare_out_dir(out_dir, overwrite)
     report = WriteReport(out_dir=out_dir)

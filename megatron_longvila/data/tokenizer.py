@@ -205,7 +205,7 @@ def build_tiny_tokenizer(
 
 
 def build_tiny_sentencepiece(
-    model_file: str | Path, corpus: Iterable[str] | None = None, vocab_size: int = 300
+    model_file: str | Path, corpus: Iterable[str] | None = None, vocab_size: int = 400
 ) -> Path:
     """Train a small sentencepiece BPE model at ``model_file`` (``.model``); its pieces know
     nothing of the pipeline's special tokens, which :class:`SentencePieceTokenizer` appends."""

@@ -10,6 +10,13 @@ container does not store a frame count (Matroska/WebM); it never decodes. Energo
 ``get_metadata`` decodes the first frame to learn the size, which costs one extra decode per
 video.
 
+One piece of Energon 7.4.1 is replaced (:class:`SeekingAVDecoder`): for Matroska/WebM it takes
+the stream's own index, which FFmpeg fills only while packets are demuxed; right after opening it
+holds just the first keyframe, so Energon's PTS reader never seeks and decodes every frame up to
+each requested one (shown in ``tests/test_video_frames.py``). Here Matroska uses Energon's
+``AVProbeIndex`` (keyframes found by demuxing packets, no decoding), as Energon already does for
+AVI.
+
 Known limit of Energon 7.4.1's frame-index seeking (kept, because it only bites in a rare
 layout): in MP4 it looks keyframes up by decode timestamp but seeks by presentation timestamp, so
 with B-frames a request landing right after two keyframes closer together than the B-frame delay
@@ -23,16 +30,26 @@ from __future__ import annotations
 import io
 import itertools
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
 from megatron.energon.av import AVDecoder
+from megatron.energon.av.av_decoder import AVIndexMode
 from megatron.energon.av.av_init import av_open
+
+_MATROSKA = ("mkv", "webm")
 
 
 class VideoDecodeError(ValueError):
     """A video that cannot be opened or does not yield the requested frames."""
+
+
+class SeekingAVDecoder(AVDecoder):
+    """Energon's AVDecoder, with a keyframe index that lets it seek in Matroska/WebM too."""
+
+    def _inspect_index_mode(self) -> AVIndexMode:
+        mode = super()._inspect_index_mode()
+        return AVIndexMode.PROBE if self._get_extension() in _MATROSKA else mode
 
 
 @dataclass(frozen=True)
@@ -102,14 +119,11 @@ def decode_frames(
     """
     if any(b <= a for a, b in itertools.pairwise(indices)):
         raise ValueError(f"frame indices must be strictly ascending, got {indices}")
-    decoder = AVDecoder(io.BytesIO(data), suppress_warnings=True)
+    decoder = SeekingAVDecoder(io.BytesIO(data), suppress_warnings=True)
     try:
-        with warnings.catch_warnings():
-            # Energon warns once per call that Matroska seeks by time, not frame number.
-            warnings.simplefilter("ignore", RuntimeWarning)
-            clips, _ = decoder.get_video_clips(
-                [(i, i) for i in indices], video_unit="frames", video_out_frame_size=out_size
-            )
+        clips, _ = decoder.get_video_clips(
+            [(i, i) for i in indices], video_unit="frames", video_out_frame_size=out_size
+        )
     except Exception as exc:
         raise VideoDecodeError(f"decoding failed: {type(exc).__name__}: {exc}") from exc
     if len(clips) != len(indices):
