@@ -8,6 +8,7 @@ For each frame count N (default 8, 64, 256 per video):
   frames of each video from its bytes in memory, seeking to a keyframe only when the next
   frame lies beyond the next keyframe, and converts them to RGB arrays at native size. This is
   the least work that yields those frames.
+* bare + resize: the same, with swscale scaling each frame to the size the loader makes.
 * loader: ``build_train_loader`` with one worker process reads the same videos from shards,
   decodes the same frames through Energon's AVDecoder, resizes, normalizes, tokenizes and
   batches. Timed from the first batch on (worker start-up excluded), over two epochs.
@@ -38,12 +39,13 @@ from megatron_longvila.data.shard_writer import write_webdataset
 from megatron_longvila.data.synthetic import SyntheticVideoSpec, write_synthetic_video
 from megatron_longvila.data.tokenizer import build_tiny_tokenizer
 from megatron_longvila.data.video import probe_video, uniform_frame_indices
+from megatron_longvila.data.vision_transform import scaled_size
 
 
-def bare_decode(data: bytes, indices: list[int]) -> int:
-    """Decode the frames at ``indices`` (presentation order) with plain PyAV into RGB arrays;
-    seek to the keyframe before a frame only when that keyframe lies beyond the last decoded
-    frame. Returns how many frames were produced."""
+def bare_decode(data: bytes, indices: list[int], out_size: tuple[int, int] | None = None) -> int:
+    """Decode the frames at ``indices`` (presentation order) with plain PyAV into RGB arrays
+    (scaled to ``out_size`` = (width, height) if given); seek to the keyframe before a frame only
+    when that keyframe lies beyond the last decoded frame. Returns how many frames were made."""
     produced = 0
     with av_open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
@@ -59,19 +61,32 @@ def bare_decode(data: bytes, indices: list[int]) -> int:
             for frame in frames:
                 last_pts = frame.pts
                 if frame.pts >= target:
-                    frame.to_ndarray(format="rgb24")
+                    if out_size is None:
+                        frame.to_ndarray(format="rgb24")
+                    else:
+                        width, height = out_size
+                        frame.to_ndarray(
+                            width=width, height=height, format="rgb24", interpolation="BILINEAR"
+                        )
                     produced += 1
                     break
     return produced
 
 
-def time_bare(videos: list[bytes], num_frames: int, repeats: int) -> tuple[float, int]:
-    plans = [uniform_frame_indices(probe_video(v).num_frames, num_frames) for v in videos]
+def time_bare(
+    videos: list[bytes], num_frames: int, repeats: int, image_size: int | None
+) -> tuple[float, int]:
+    """Seconds and frames of bare decoding; ``image_size`` also scales frames as the loader does."""
+    plans = []
+    for data in videos:
+        info = probe_video(data)
+        size = scaled_size(info.width, info.height, image_size, "pad") if image_size else None
+        plans.append((data, uniform_frame_indices(info.num_frames, num_frames), size))
     start = time.perf_counter()
     frames = 0
     for _ in range(repeats):
-        for data, indices in zip(videos, plans):
-            frames += bare_decode(data, indices)
+        for data, indices, size in plans:
+            frames += bare_decode(data, indices, size)
     return time.perf_counter() - start, frames
 
 
@@ -132,14 +147,17 @@ def markdown(results: dict) -> str:
         f"frames at {s['video_size']} (H.264, keyframe every {s['keyframe_interval']}), "
         f"frames resized to {s['image_size']}², on {s['machine']}.",
         "",
-        "| frames/video | bare PyAV (frames/s) | loader (frames/s) | loader / bare |",
-        "|---:|---:|---:|---:|",
+        "| frames/video | bare PyAV | bare PyAV + same resize | loader | loader / bare | "
+        "loader / bare + resize |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for row in results["rows"]:
         lines.append(
-            f"| {row['frames_per_video']} | {row['bare_fps']:.1f} | {row['loader_fps']:.1f} | "
-            f"{row['ratio']:.2f} |"
+            f"| {row['frames_per_video']} | {row['bare_fps']:.1f} | {row['bare_scaled_fps']:.1f} "
+            f"| {row['loader_fps']:.1f} | {row['ratio']:.2f} | {row['ratio_scaled']:.2f} |"
         )
+    lines.append("")
+    lines.append("Frames per second, one process each (the loader: one worker process).")
     return "\n".join(lines) + "\n"
 
 
@@ -171,18 +189,21 @@ def main(argv: list[str] | None = None) -> int:
         build_tiny_tokenizer(tmp / "tokenizer")
         videos = [(tmp / "raw" / f"v{i}.mp4").read_bytes() for i in range(args.videos)]
         for count in (int(c) for c in args.counts.split(",")):
-            bare_s, bare_frames = time_bare(videos, count, args.epochs)
+            bare_s, bare_frames = time_bare(videos, count, args.epochs, None)
+            scaled_s, scaled_frames = time_bare(videos, count, args.epochs, args.image_size)
             loader_s, loader_frames = time_loader(
                 tmp / "shards", tmp / "tokenizer", count, args.epochs, args.image_size
             )
+            assert bare_frames == scaled_frames == loader_frames, (bare_frames, loader_frames)
             row = {
                 "frames_per_video": count,
+                "frames_timed": loader_frames,
                 "bare_fps": bare_frames / bare_s,
+                "bare_scaled_fps": scaled_frames / scaled_s,
                 "loader_fps": loader_frames / loader_s,
-                "bare_frames": bare_frames,
-                "loader_frames": loader_frames,
             }
             row["ratio"] = row["loader_fps"] / row["bare_fps"]
+            row["ratio_scaled"] = row["loader_fps"] / row["bare_scaled_fps"]
             rows.append(row)
             print(json.dumps(row), flush=True)
     results = {
