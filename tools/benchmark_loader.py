@@ -55,7 +55,13 @@ def bare_decode(data: bytes, indices: list[int], out_size: tuple[int, int] | Non
     reformatter = VideoReformatter()  # one swscale context for all frames, one thread
     with av_open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
-        packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.pts is not None]
+        entries = stream.index_entries
+        # MP4 indexes every frame on open (decode timestamps, equal to presentation ones for
+        # these videos without B-frames); other containers are demuxed once.
+        if len(entries) == stream.frames:
+            packets = [(entries[i].timestamp, entries[i].is_keyframe) for i in range(len(entries))]
+        else:
+            packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.pts is not None]
         frame_pts = sorted(pts for pts, _ in packets)
         keyframe_pts = sorted(pts for pts, key in packets if key)
         frames, last_pts = None, None
