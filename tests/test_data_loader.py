@@ -346,3 +346,30 @@ def test_packed_rows_fit_and_hold_the_unpacked_samples():
 def test_config_refuses_bad_values_naming_them(overrides, message):
     with pytest.raises(ValueError, match=message):
         data_config(**overrides)
+
+
+def test_unexpected_errors_are_counted_and_the_job_goes_on(monkeypatch, caplog):
+    import megatron_longvila.data.task_encoder as task_encoder
+
+    records = (synthetic_shards().parent / "raw" / "samples.jsonl").read_text().splitlines()
+    needle_keys = {
+        r["id"] for r in map(json.loads, records) if "number" in r["conversations"][0]["value"]
+    }
+    assert 0 < len(needle_keys) < len(SYNTHETIC_KEYS)
+    real = task_encoder.tokenize_conversation
+
+    def failing_on_needle_questions(turns, *args, **kwargs):
+        if "number" in turns[0]["value"]:
+            raise RuntimeError("tokenizer crashed")
+        return real(turns, *args, **kwargs)
+
+    monkeypatch.setattr(task_encoder, "tokenize_conversation", failing_on_needle_questions)
+    caplog.set_level(logging.WARNING, logger="megatron_longvila.data")
+    loader = build_train_loader(data_config(), 0, 1)
+    assert sorted(_keys(loader)) == sorted(set(SYNTHETIC_KEYS) - needle_keys)
+    assert loader.issue_counts()["error"] == len(needle_keys)
+    logged = [r for r in caplog.records if "tokenizer crashed" in r.getMessage()]
+    assert sorted(r.getMessage().split(":")[0] for r in logged) == sorted(
+        f"sample {k}" for k in needle_keys
+    )
+    assert all(r.exc_info for r in logged), "logged with the traceback"
