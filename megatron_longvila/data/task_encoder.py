@@ -120,7 +120,10 @@ class LongVILATaskEncoder(DefaultTaskEncoder):
         key, media, turns = sample.__key__, sample.media, sample.turns
         placeholders = placeholder_sequence(turns)
         if not placeholders and media:
-            turns = with_placeholders(turns, [m.kind for m in media])
+            try:
+                turns = with_placeholders(turns, [m.kind for m in media])
+            except ConversationError as exc:
+                self.issues.skip("bad_json", key, str(exc))
             placeholders = [m.kind for m in media]
         if placeholders != [m.kind for m in media]:
             self.issues.skip(
