@@ -95,10 +95,24 @@ def _worker_main(
             _reset_megatron_state()
         results.put((rank, status, value))
 
-    import torch.distributed as dist
+    _exit_now()
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+
+def _exit_now() -> None:
+    """Leave the worker at once, stopping the helper processes it started first.
+
+    Tearing down the process groups one by one (megatron-core creates dozens per
+    ``initialize_model_parallel`` and never destroys them) and the interpreter's own teardown take
+    longer than close() waits, and a killed worker orphans its helpers (megatron's checkpoint
+    writer keeps a multiprocessing Manager process). The OS closes the groups' sockets; nothing
+    is left to flush but stdout/stderr.
+    """
+    for child in mp.active_children():
+        child.terminate()
+        child.join(timeout=5)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _reset_megatron_state() -> None:
