@@ -24,6 +24,8 @@ setup(
         # first (see the Makefile) so that nothing here pulls a CUDA build.
         "torch>=2.4,<2.15",
         "megatron-core==0.16.1",
+        # megatron-core builds hierarchical context-parallel groups (Ulysses × ring) with it.
+        "einops",
         "megatron-energon==7.4.1",
         "numpy",
         "webdataset",

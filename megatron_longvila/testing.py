@@ -85,6 +85,7 @@ def _worker_main(
         if task is None:
             break
         fn, args, kwargs = task
+        groups_before = _process_groups()
         try:
             value = fn(*args, **kwargs)
             status = "ok"
@@ -93,12 +94,53 @@ def _worker_main(
             status = "error"
         finally:
             _reset_megatron_state()
+        if status == "ok":
+            # After a failure the pool is closed anyway, and peers may be stuck in a collective.
+            _destroy_groups_except(groups_before)
         results.put((rank, status, value))
 
+    _exit_now()
+
+
+def _exit_now() -> None:
+    """Leave the worker at once, stopping the helper processes it started first.
+
+    Tearing down the process groups one by one (megatron-core creates dozens per
+    ``initialize_model_parallel`` and never destroys them) and the interpreter's own teardown take
+    longer than close() waits, and a killed worker orphans its helpers (megatron's checkpoint
+    writer keeps a multiprocessing Manager process). The OS closes the groups' sockets; nothing
+    is left to flush but stdout/stderr.
+    """
+    for child in mp.active_children():
+        child.terminate()
+        child.join(timeout=5)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _process_groups() -> set:
+    """The process groups this rank belongs to (torch keeps no public list of them)."""
+    from torch.distributed import distributed_c10d
+
+    return set(distributed_c10d._world.pg_map)
+
+
+def _destroy_groups_except(keep: set) -> None:
+    """Destroy the groups a call created (megatron-core never destroys its own).
+
+    Each megatron-core ``initialize_model_parallel`` on 8 gloo ranks adds about 60 threads and
+    120 sockets to every rank; kept, they pile up over a session. The barrier makes sure no rank
+    is still using a group when its peers shut it down.
+    """
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    created = _process_groups() - keep
+    if not created:
+        return
+    dist.barrier()
+    for group in created:
+        dist.destroy_process_group(group)
 
 
 def _reset_megatron_state() -> None:

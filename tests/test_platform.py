@@ -76,6 +76,19 @@ def check_rotary_embedding_device():
     assert freqs.shape == (6, 1, 1, 8) and freqs.device.type == "cpu"
 
 
+def check_rope_cp_slice():
+    """With CP=2, RoPE keeps this rank's zigzag chunks (r and 3−r of 4) of the embedding."""
+    from megatron.core import parallel_state
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    parallel_state.initialize_model_parallel(context_parallel_size=2)
+    rank = parallel_state.get_context_parallel_rank()
+    rope = RotaryEmbedding(kv_channels=8, rotary_percent=1.0)
+    full = rope.get_emb(8)  # [8, 1, 1, 8], unsliced
+    expected = torch.cat([full[2 * rank : 2 * rank + 2], full[6 - 2 * rank : 8 - 2 * rank]])
+    assert torch.equal(rope(8), expected)
+
+
 def check_global_memory_buffer_device():
     from megatron.core.utils import GlobalMemoryBuffer, local_multi_tensor_l2_norm
 

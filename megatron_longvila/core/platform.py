@@ -255,6 +255,28 @@ def _keep_tensors_on_cpu_during(method: Callable[..., Any]) -> Callable[..., Any
 
 
 # --------------------------------------------------------------------------------------------
+# CPU replacement for get_pos_emb_on_this_cp_rank
+# --------------------------------------------------------------------------------------------
+
+
+def _pos_emb_on_this_cp_rank_cpu(
+    pos_emb: torch.Tensor, seq_dim: int, cp_group: dist.ProcessGroup
+) -> torch.Tensor:
+    """mcore's ``get_pos_emb_on_this_cp_rank`` with its chunk index built on the embedding's device.
+
+    Keeps chunks ``r`` and ``2·cp−1−r`` of ``2·cp`` along ``seq_dim`` (the zigzag split of context
+    parallelism); mcore builds that two-element index in pinned memory and calls ``.cuda()``.
+    """
+    if cp_group is None:
+        raise ValueError("cp_group must be provided to slice the positional embedding per CP rank")
+    size, rank = cp_group.size(), cp_group.rank()
+    index = torch.tensor([rank, 2 * size - 1 - rank], device=pos_emb.device)
+    before, after = pos_emb.shape[:seq_dim], pos_emb.shape[seq_dim + 1 :]
+    chunks = pos_emb.view(*before, 2 * size, -1, *after).index_select(seq_dim, index)
+    return chunks.view(*before, -1, *after)
+
+
+# --------------------------------------------------------------------------------------------
 # The adaptations
 # --------------------------------------------------------------------------------------------
 
@@ -407,6 +429,16 @@ ADAPTATIONS: tuple[Adaptation, ...] = (
         why="with pipeline stages and tied embeddings, the last stage's copy is moved with "
         "Tensor.cuda() before it is synchronized with the first stage's",
         replacement=_keep_tensors_on_cpu_during,
+    ),
+    Adaptation(
+        name="rope_cp_slice",
+        # RoPE imported the function by name, so it is replaced where RoPE looks it up.
+        module="megatron.core.models.common.embeddings.rotary_pos_embedding",
+        attribute="get_pos_emb_on_this_cp_rank",
+        adapts=("RotaryEmbedding.forward", "MultimodalRotaryEmbedding.forward"),
+        why="with context parallelism the zigzag chunk index is built in pinned memory and "
+        "moved with .cuda()",
+        replacement=lambda original: _pos_emb_on_this_cp_rank_cpu,
     ),
     Adaptation(
         name="clip_grad_by_total_norm_fp32",

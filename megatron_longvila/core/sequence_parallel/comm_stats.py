@@ -1,0 +1,290 @@
+"""Every collective and p2p transfer of MM-SP, and an exact count of the bytes each one sends.
+
+All communication of the sequence-parallel code goes through the wrappers below
+(:func:`all_to_all`, :func:`all_gather`, :func:`all_reduce_sum`, :class:`RingExchange`), each tagged
+with the name of the group it runs on (``"ulysses"``, ``"ring"``, ``"sp"``). Inside
+:func:`counting` they add the bytes this rank *sends to other ranks* to a :class:`CommStats`;
+outside it they count nothing. Bytes a rank keeps for itself (its own chunk of an all-to-all) are
+not counted; an all-gather counts ``(n−1)`` copies of the local tensor, an all-reduce the
+``2(n−1)/n`` of a ring all-reduce.
+
+The analytic counts (per rank, bytes sent; ``e`` = bytes per element of q/k/v, ``e_g`` = bytes per
+element of the dK/dV accumulators travelling in the backward ring, ``e_s`` = bytes per segment id;
+``b`` batch, ``S`` padded global sequence, ``sp = U × R``, ``H``/``G`` query/key-value heads per
+tensor-parallel rank, ``G' = G`` if ``U`` divides ``G`` else ``U`` (kv heads replicated), ``d`` head
+dim, ``s = S / sp`` tokens per rank):
+
+* Ulysses, forward (group ``"ulysses"``): all-to-all of q, k, v in, all-to-all of the output back,
+  each sending ``(U-1)/U`` of its input::
+
+      ulysses_fwd = (U-1)/U · b·s·d·e · (2H + 2G')  [+ (U-1)·b·s·e_s  all-gather of segment ids]
+
+* Ulysses, backward: the inverse all-to-all of each of those four gradients::
+
+      ulysses_bwd = (U-1)/U · b·s·d·e · (2H + 2G')
+
+* Ring, forward (group ``"ring"``; after Ulysses a rank holds ``S/R = U·s`` tokens and ``G'/U`` kv
+  heads): ``R-1`` hops of the K/V block (and its segment ids)::
+
+      ring_fwd = (R-1) · (2·b·U·s·(G'/U)·d·e  [+ b·U·s·e_s])
+
+* Ring, backward: ``R-1`` hops of K/V again, and ``R`` hops of the dK/dV accumulators (the last hop
+  brings them home)::
+
+      ring_bwd = (R-1) · 2·b·U·s·(G'/U)·d·e  +  R · 2·b·U·s·(G'/U)·d·e_g      (0 when R = 1)
+
+* 2D = the Ulysses terms on the ``"ulysses"`` group plus the ring terms on the ``"ring"`` group.
+
+:func:`ulysses_bytes_per_rank`, :func:`ring_bytes_per_rank` and
+:func:`mmsp_attention_bytes_per_rank` compute these numbers; tests compare them with the measured
+counts, and the cluster simulator uses them to predict traffic at scale.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+# --------------------------------------------------------------------------------------------
+# Counting
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CommStats:
+    """Bytes sent and number of calls by this rank, keyed by ``(group name, op)``."""
+
+    sent_bytes: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+    calls: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
+
+    def record(self, group: str, op: str, nbytes: int) -> None:
+        self.sent_bytes[(group, op)] += int(nbytes)
+        self.calls[(group, op)] += 1
+
+    def bytes(self, group: str | None = None, op: str | None = None) -> int:
+        """Total bytes sent, optionally restricted to one group name and/or one op."""
+        return sum(
+            n
+            for (g, o), n in self.sent_bytes.items()
+            if (group is None or g == group) and (op is None or o == op)
+        )
+
+    def as_dict(self) -> dict[str, int]:
+        """``{"group/op": bytes}``, plain types for JSON and for returning from ranks."""
+        return {f"{g}/{o}": n for (g, o), n in sorted(self.sent_bytes.items())}
+
+
+_active: list[CommStats] = []
+
+
+@contextlib.contextmanager
+def counting() -> Iterator[CommStats]:
+    """Count the bytes of every MM-SP transfer issued inside the block (nesting counts in both)."""
+    stats = CommStats()
+    _active.append(stats)
+    try:
+        yield stats
+    finally:
+        _active.remove(stats)
+
+
+def _record(group: str, op: str, nbytes: int) -> None:
+    for stats in _active:
+        stats.record(group, op, nbytes)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+# --------------------------------------------------------------------------------------------
+# The transfers
+# --------------------------------------------------------------------------------------------
+
+
+def group_size(group: dist.ProcessGroup | None) -> int:
+    """Size of ``group``; ``None`` stands for a group of one (no communication)."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: dist.ProcessGroup | None) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def all_to_all(x: torch.Tensor, group: dist.ProcessGroup, name: str) -> torch.Tensor:
+    """Equal-split all-to-all along dim 0: chunk ``j`` of ``x`` goes to rank ``j``.
+
+    x: [n, ...] with ``n`` = group size; returns [n, ...] whose chunk ``j`` came from rank ``j``.
+    """
+    n = group_size(group)
+    if x.shape[0] != n:
+        raise ValueError(f"all_to_all on '{name}' needs dim 0 == group size {n}, got {x.shape[0]}")
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x, group=group)
+    _record(name, "all_to_all", _nbytes(x) * (n - 1) // n)
+    return out
+
+
+def all_gather(x: torch.Tensor, group: dist.ProcessGroup, name: str) -> list[torch.Tensor]:
+    """All-gather ``x`` (same shape on every rank); returns the tensors in group-rank order."""
+    n = group_size(group)
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(n)]
+    dist.all_gather(parts, x, group=group)
+    _record(name, "all_gather", _nbytes(x) * (n - 1))
+    return parts
+
+
+def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup, name: str) -> None:
+    """Sum ``x`` in place over ``group``; counted as a ring all-reduce, ``2(n−1)/n`` of ``x``."""
+    n = group_size(group)
+    dist.all_reduce(x, group=group)
+    _record(name, "all_reduce", 2 * _nbytes(x) * (n - 1) // n)
+
+
+class RingExchange:
+    """Send tensors to the next rank of a ring and receive the same shapes from the previous one.
+
+    Started at construction (``batch_isend_irecv``), so the caller computes while the transfer
+    runs; :meth:`wait` returns the received tensors.
+    """
+
+    def __init__(
+        self,
+        tensors: list[torch.Tensor],
+        group: dist.ProcessGroup,
+        name: str,
+        op: str,
+        tag: int = 0,
+    ) -> None:
+        n, rank = group_size(group), group_rank(group)
+        nxt = dist.get_global_rank(group, (rank + 1) % n)
+        prv = dist.get_global_rank(group, (rank - 1) % n)
+        # Kept alive until wait(): the transfers read from and write into these.
+        self._sent = [t.contiguous() for t in tensors]
+        self.received = [torch.empty_like(t) for t in self._sent]
+        ops = []
+        # Every rank posts the same sequence; distinct tags keep two exchanges in flight at once
+        # (K/V of the next step beside dK/dV of the last) from matching each other's messages.
+        for t, r in zip(self._sent, self.received):
+            ops.append(dist.P2POp(dist.isend, t, nxt, group, tag))
+            ops.append(dist.P2POp(dist.irecv, r, prv, group, tag))
+            _record(name, op, _nbytes(t))
+        self._requests = dist.batch_isend_irecv(ops)
+
+    def wait(self) -> list[torch.Tensor]:
+        for request in self._requests:
+            request.wait()
+        return self.received
+
+
+# --------------------------------------------------------------------------------------------
+# Analytic counts (see the module docstring)
+# --------------------------------------------------------------------------------------------
+
+
+def replicated_kv_heads(kv_heads: int, ulysses: int) -> int:
+    """Key/value heads per tensor-parallel rank after replication for Ulysses.
+
+    ``kv_heads`` divisible by ``ulysses``: unchanged. Fewer kv heads than ``ulysses`` (and
+    ``ulysses`` a multiple of them): each is repeated so every Ulysses rank gets one.
+    """
+    if kv_heads % ulysses == 0:
+        return kv_heads
+    if ulysses % kv_heads == 0:
+        return ulysses
+    raise ValueError(
+        f"{kv_heads} key/value heads per tensor-parallel rank can neither be split over nor "
+        f"replicated onto ulysses={ulysses} ranks (one must divide the other)"
+    )
+
+
+def ulysses_bytes_per_rank(
+    batch: int,
+    tokens_per_rank: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    ulysses: int,
+    itemsize: int,
+    segment_itemsize: int = 0,
+) -> dict[str, int]:
+    """Bytes one rank sends on the Ulysses group: ``{"forward": ..., "backward": ...}``.
+
+    ``heads``/``kv_heads`` are per tensor-parallel rank (before kv replication);
+    ``segment_itemsize`` > 0 when segment ids are all-gathered.
+    """
+    u = ulysses
+    kv = replicated_kv_heads(kv_heads, u)
+    per_head = batch * tokens_per_rank * head_dim * itemsize
+    a2a = (2 * heads + 2 * kv) * per_head * (u - 1) // u
+    segments = (u - 1) * batch * tokens_per_rank * segment_itemsize
+    return {"forward": a2a + segments, "backward": a2a}
+
+
+def ring_bytes_per_rank(
+    batch: int,
+    tokens_per_ring_rank: int,
+    kv_heads_per_ring_rank: int,
+    head_dim: int,
+    ring: int,
+    itemsize: int,
+    grad_itemsize: int = 4,
+    segment_itemsize: int = 0,
+) -> dict[str, int]:
+    """Bytes one rank sends on the ring group: ``{"forward": ..., "backward": ...}``.
+
+    ``tokens_per_ring_rank`` and ``kv_heads_per_ring_rank`` describe the K/V block a ring rank
+    holds (after Ulysses, if any); ``grad_itemsize`` is the dK/dV accumulator's element size.
+    """
+    r = ring
+    elements = 2 * batch * tokens_per_ring_rank * kv_heads_per_ring_rank * head_dim
+    segments = batch * tokens_per_ring_rank * segment_itemsize
+    forward = (r - 1) * (elements * itemsize + segments)
+    backward = (r - 1) * elements * itemsize + (r * elements * grad_itemsize if r > 1 else 0)
+    return {"forward": forward, "backward": backward}
+
+
+def mmsp_attention_bytes_per_rank(
+    batch: int,
+    seq_len: int,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    ulysses: int,
+    ring: int,
+    itemsize: int,
+    grad_itemsize: int = 4,
+    segment_itemsize: int = 0,
+) -> dict[str, dict[str, int]]:
+    """Bytes one rank sends for one 2D attention call, by group.
+
+    Returns ``{"ulysses": {"forward", "backward"}, "ring": {"forward", "backward"}}``;
+    ``seq_len`` is the padded global sequence, heads are per tensor-parallel rank.
+    """
+    sp = ulysses * ring
+    if seq_len % sp:
+        raise ValueError(f"seq_len {seq_len} is not divisible by sp = {ulysses}×{ring} = {sp}")
+    tokens = seq_len // sp
+    kv = replicated_kv_heads(kv_heads, ulysses)
+    return {
+        "ulysses": ulysses_bytes_per_rank(
+            batch, tokens, heads, kv_heads, head_dim, ulysses, itemsize, segment_itemsize
+        ),
+        "ring": ring_bytes_per_rank(
+            batch,
+            tokens * ulysses,
+            kv // ulysses,
+            head_dim,
+            ring,
+            itemsize,
+            grad_itemsize,
+            segment_itemsize,
+        ),
+    }
