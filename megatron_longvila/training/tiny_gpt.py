@@ -137,6 +137,13 @@ def train(
     optimizer = get_megatron_optimizer(
         OptimizerConfig(optimizer="adam", lr=s.lr, weight_decay=0.0, clip_grad=1.0), [model]
     )
+    return train_steps(model, optimizer, s, steps, progress=progress)
+
+
+def train_steps(
+    model: DistributedDataParallel, optimizer: Any, s: TinyGPTSettings, steps: int, progress=None
+) -> list[float]:
+    """Run ``steps`` optimizer steps on the synthetic batches; return each step's loss."""
     forward_backward = get_forward_backward_func()
     losses = []
     for step_batches in synthetic_batches(s, steps):

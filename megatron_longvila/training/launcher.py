@@ -1,0 +1,133 @@
+"""Resolve the torchrun command of a training run from its YAML and the cluster allocation.
+
+Used by ``examples/slurm/*.sbatch`` (one process per node under ``srun``, each starting
+``torchrun`` with a c10d rendezvous on the first node) and by hand. ``--dry-run`` prints the
+resolved command and the parallel layout without starting anything, after checking that the
+allocation holds a whole number of model replicas.
+
+    python -m megatron_longvila.training.launcher --config examples/configs/stage5_long_sft.yaml \
+        --dry-run [key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import yaml
+
+from megatron_longvila.training.config_io import ConfigError, apply_overrides
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Where the run executes: nodes, processes per node and the rendezvous endpoint."""
+
+    nnodes: int
+    nproc_per_node: int
+    rdzv_endpoint: str
+    rdzv_id: str
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+    @classmethod
+    def from_env(cls, env: dict[str, str], nproc_per_node: int | None = None) -> Allocation:
+        """From SLURM's variables when present, else a single local node."""
+        if nproc_per_node is None:
+            gpus = env.get("SLURM_GPUS_ON_NODE") or env.get("GPUS_PER_NODE")
+            nproc_per_node = int(gpus) if gpus else _local_gpu_count() or 1
+        nnodes = int(env.get("SLURM_NNODES", env.get("NNODES", "1")))
+        host = env.get("MASTER_ADDR", "127.0.0.1")
+        port = env.get("MASTER_PORT", "29500")
+        return cls(
+            nnodes=nnodes,
+            nproc_per_node=nproc_per_node,
+            rdzv_endpoint=f"{host}:{port}",
+            rdzv_id=env.get("SLURM_JOB_ID", "local"),
+        )
+
+
+def _local_gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # no torch or no driver: treat as no GPU
+        return 0
+
+
+def parallel_sizes(tree: dict) -> dict[str, int]:
+    """tp, ulysses, ring, pp from the YAML's ``parallel`` section (defaults 1)."""
+    section = tree.get("parallel") or {}
+    sizes = {}
+    for key in ("tp", "ulysses", "ring", "pp"):
+        value = section.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"parallel.{key} must be a positive integer, got {value!r}")
+        sizes[key] = value
+    return sizes
+
+
+def layout(sizes: dict[str, int], world_size: int) -> dict[str, int]:
+    """The full layout for ``world_size`` processes; dp is what is left after tp×sp×pp."""
+    model_parallel = sizes["tp"] * sizes["ulysses"] * sizes["ring"] * sizes["pp"]
+    if world_size % model_parallel:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by tp×ulysses×ring×pp = "
+            f"{sizes['tp']}×{sizes['ulysses']}×{sizes['ring']}×{sizes['pp']} = {model_parallel}"
+        )
+    return {**sizes, "sp": sizes["ulysses"] * sizes["ring"], "dp": world_size // model_parallel}
+
+
+def torchrun_command(
+    config: str, overrides: list[str], alloc: Allocation, python: str = sys.executable
+) -> list[str]:
+    cmd = [python, "-m", "torch.distributed.run"]
+    if alloc.nnodes == 1:
+        cmd += ["--standalone"]
+    else:
+        cmd += [
+            f"--nnodes={alloc.nnodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={alloc.rdzv_endpoint}",
+            f"--rdzv-id={alloc.rdzv_id}",
+        ]
+    cmd += [f"--nproc-per-node={alloc.nproc_per_node}", "-m", "megatron_longvila.train"]
+    return [*cmd, "--config", config, *overrides]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--nproc-per-node", type=int, default=None)
+    parser.add_argument("--dry-run", action="store_true", help="print the command and layout")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_args(argv)
+
+    try:
+        with open(args.config, encoding="utf-8") as handle:
+            tree = yaml.safe_load(handle) or {}
+        apply_overrides(tree, args.overrides)
+        alloc = Allocation.from_env(dict(os.environ), args.nproc_per_node)
+        resolved = layout(parallel_sizes(tree), alloc.world_size)
+    except (OSError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    cmd = torchrun_command(args.config, args.overrides, alloc)
+    summary = " ".join(f"{k}={v}" for k, v in resolved.items())
+    print(f"# {alloc.nnodes} node(s) × {alloc.nproc_per_node} process(es): {summary}")
+    print(shlex.join(cmd))
+    if args.dry_run:
+        return 0
+    return subprocess.call(cmd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
