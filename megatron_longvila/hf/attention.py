@@ -25,6 +25,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from megatron_longvila.core.parallel_state import MMSPGroups
 from megatron_longvila.core.sequence_parallel.attention import mmsp_attention
+from megatron_longvila.core.sequence_parallel.decode import decode_attention
 from megatron_longvila.core.sequence_parallel.sharding import check_layout
 
 
@@ -40,6 +41,7 @@ def mmsp_attention_forward(
     dropout: float = 0.0,
     scaling: float | None = None,
     mmsp_segment_ids: torch.Tensor | None = None,
+    mmsp_decode: bool = False,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract on this rank's shard.
@@ -47,6 +49,9 @@ def mmsp_attention_forward(
     query: [b, hq, s/sp, d]; key/value: [b, hkv, s/sp, d] with ``hkv`` the model's kv heads
     (transformers' own modules pass them unrepeated) or already repeated to ``hq``; both work.
     mmsp_segment_ids: [b, s/sp] or None (-1 = padding). Returns ([b, s/sp, hq, d], None).
+    mmsp_decode: one new token (query [b, hq, 1, d], the same on every rank) against this rank's
+    cached keys/values [b, hkv, n, d] (an :class:`~megatron_longvila.hf.generation.MMSPCache`
+    returns them); partial results are merged over the sp group.
     """
     if dropout:
         raise ValueError(
@@ -65,6 +70,8 @@ def mmsp_attention_forward(
     causal = kwargs.get("is_causal")
     causal = getattr(module, "is_causal", True) if causal is None else causal
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [b, s/sp, heads, d]
+    if mmsp_decode:
+        return decode_attention(q, k, v, groups, softmax_scale=scaling), None
     out = mmsp_attention(
         q,
         k,
