@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from megatron_longvila.data.batch import IGNORE_INDEX, MultimodalBatch, MultimodalSample
+from megatron_longvila.data.batch import (
+    IGNORE_INDEX,
+    PAD_SEGMENT,
+    MultimodalBatch,
+    MultimodalSample,
+)
 from megatron_longvila.data.packing import collate_rows
 from megatron_longvila.models.config import LongVILAConfig
 
@@ -54,3 +59,38 @@ def make_batch(rows: list[list[list[int]]], seed: int, cfg=CFG) -> MultimodalBat
 
 def micro_batches(cfg=CFG) -> list[MultimodalBatch]:
     return [make_batch(list(rows), seed=10 + i, cfg=cfg) for i, rows in enumerate(MICRO_BATCHES)]
+
+
+def reference_rows(batch: MultimodalBatch, cfg=CFG) -> list[dict[str, list]]:
+    """Each row's multimodal sequence built token by token, independently of the model code.
+
+    Per row: ``tokens`` (``("text", column in the batch row)`` or ``("visual", global visual
+    token index)``), ``labels`` (shifted within each sample), ``positions`` (restarting per
+    sample), ``segments``. Padding is left out.
+    """
+    rows, item, visual = [], 0, 0
+    for r in range(batch.batch_size):
+        tokens, labels, segments = [], [], []
+        for t in range(batch.input_ids.shape[1]):
+            segment = int(batch.segment_ids[r, t])
+            if segment == PAD_SEGMENT:
+                continue
+            if int(batch.input_ids[r, t]) in (cfg.image_token_id, cfg.video_token_id):
+                n = int(batch.media[item].shape[0]) * cfg.tokens_per_frame
+                tokens += [("visual", visual + k) for k in range(n)]
+                labels += [IGNORE_INDEX] * n
+                segments += [segment] * n
+                item, visual = item + 1, visual + n
+            else:
+                tokens.append(("text", t))
+                labels.append(int(batch.labels[r, t]))
+                segments.append(segment)
+        shifted, positions = [], []
+        for i, segment in enumerate(segments):
+            same_next = i + 1 < len(segments) and segments[i + 1] == segment
+            shifted.append(labels[i + 1] if same_next else IGNORE_INDEX)
+            positions.append(positions[-1] + 1 if i and segments[i - 1] == segment else 0)
+        rows.append(
+            {"tokens": tokens, "labels": shifted, "positions": positions, "segments": segments}
+        )
+    return rows

@@ -27,7 +27,7 @@ import tempfile
 
 import pytest
 import torch
-from longvila_batches import CFG, micro_batches
+from longvila_batches import CFG, micro_batches, reference_rows
 
 from megatron_longvila.core.sequence_parallel.sharding import shard_token_indices
 from megatron_longvila.core.sequence_parallel.visual_exchange import frames_per_rank
@@ -48,57 +48,29 @@ LAYOUTS = {  # name: (tp, ulysses, ring, pp); four ranks each
 # ---- the reference ----------------------------------------------------------------------------
 
 
-def _reference_row(text_embeddings, visual, ids, labels, segments, cfg):
-    """One row's sequence built token by token: (embeddings [L, h], shifted labels, positions,
-    segment ids); ``visual`` yields each placeholder's tokens [frames·T, h] in order."""
-    pieces, row_labels, row_segments = [], [], []
-    for t in range(ids.numel()):
-        segment = int(segments[t])
-        if segment == PAD_SEGMENT:
-            continue
-        if int(ids[t]) in (cfg.image_token_id, cfg.video_token_id):
-            tokens = next(visual)
-            pieces.append(tokens)
-            row_labels += [IGNORE_INDEX] * tokens.shape[0]
-            row_segments += [segment] * tokens.shape[0]
-        else:
-            pieces.append(text_embeddings[t : t + 1])
-            row_labels.append(int(labels[t]))
-            row_segments.append(segment)
-    shifted, positions = [], []
-    for i, segment in enumerate(row_segments):
-        same_next = i + 1 < len(row_segments) and row_segments[i + 1] == segment
-        shifted.append(row_labels[i + 1] if same_next else IGNORE_INDEX)
-        positions.append(positions[-1] + 1 if i and row_segments[i - 1] == segment else 0)
-    return torch.cat(pieces), shifted, positions, row_segments
-
-
 def _reference_loss_sum(model, llm, batch, cfg):
     """(sum of valid token losses, their count) of one batch through the reference path."""
     from megatron_longvila.models.llm import causal_segment_mask
 
     features = model.mm_projector(model.vision_tower(torch.cat(batch.media)))
-    frames = [int(m.shape[0]) for m in batch.media]
-    tokens = features.reshape(-1, cfg.llm.hidden_size)
-    visual = iter(tokens.split([f * cfg.tokens_per_frame for f in frames]))
+    visual = features.reshape(-1, cfg.llm.hidden_size)  # [all visual tokens, h], frame order
     text = llm.embed(batch.input_ids)  # [s, b, h]
-    rows = [
-        _reference_row(
-            text[:, r], visual, batch.input_ids[r], batch.labels[r], batch.segment_ids[r], cfg
-        )
-        for r in range(batch.batch_size)
-    ]
-    length = max(len(row[1]) for row in rows)
-    hidden = torch.zeros(length, batch.batch_size, cfg.llm.hidden_size)
-    labels = torch.full((batch.batch_size, length), IGNORE_INDEX)
-    positions = torch.zeros(batch.batch_size, length, dtype=torch.long)
-    segments = torch.full((batch.batch_size, length), PAD_SEGMENT)
-    for r, (emb, row_labels, row_positions, row_segments) in enumerate(rows):
-        n = len(row_labels)
-        hidden = hidden.index_put((torch.arange(n), torch.full((n,), r)), emb)
-        labels[r, :n] = torch.tensor(row_labels)
-        positions[r, :n] = torch.tensor(row_positions)
-        segments[r, :n] = torch.tensor(row_segments)
+    rows = reference_rows(batch, cfg)
+    length = max(len(row["tokens"]) for row in rows)
+    b = batch.batch_size
+    labels = torch.full((b, length), IGNORE_INDEX)
+    positions = torch.zeros(b, length, dtype=torch.long)
+    segments = torch.full((b, length), PAD_SEGMENT)
+    columns = []
+    for r, row in enumerate(rows):
+        n = len(row["tokens"])
+        labels[r, :n] = torch.tensor(row["labels"])
+        positions[r, :n] = torch.tensor(row["positions"])
+        segments[r, :n] = torch.tensor(row["segments"])
+        pieces = [text[i, r] if kind == "text" else visual[i] for kind, i in row["tokens"]]
+        pad = [torch.zeros(cfg.llm.hidden_size)] * (length - n)
+        columns.append(torch.stack(pieces + pad))
+    hidden = torch.stack(columns, dim=1)  # [length, b, h]
     mask = causal_segment_mask(segments, positions)
     losses = llm(None, positions, attention_mask=mask, decoder_input=hidden, labels=labels)
     valid = labels >= 0
@@ -228,22 +200,11 @@ def run_layout(tp: int, ulysses: int, ring: int, pp: int, checkpoint: str) -> di
 def _expected_exchange_tokens(batch, sp: int) -> list[int]:
     """Per sp rank: visual tokens it encodes that another rank holds (sent forward) plus tokens
     it holds that another rank encoded (their gradients, sent backward)."""
+    rows = reference_rows(batch, CFG)
+    # The position in its row of every visual token, in frame order.
+    positions = [t for row in rows for t, (kind, _) in enumerate(row["tokens"]) if kind == "visual"]
+    lengths = [len(row["tokens"]) for row in rows]
     tokens_per_frame = CFG.tokens_per_frame
-    positions = []  # position in its expanded row of every visual token, in frame order
-    lengths, item = [], 0
-    for row_ids, row_segments in zip(batch.input_ids.tolist(), batch.segment_ids.tolist()):
-        t = 0
-        for token, segment in zip(row_ids, row_segments):
-            if segment == PAD_SEGMENT:
-                continue
-            if token in (CFG.image_token_id, CFG.video_token_id):
-                n = int(batch.media[item].shape[0]) * tokens_per_frame
-                positions += range(t, t + n)
-                t += n
-                item += 1
-            else:
-                t += 1
-        lengths.append(t)
     seq = -(-max(lengths) // (2 * sp)) * (2 * sp)
     holder = {}
     for rank in range(sp):
