@@ -19,10 +19,11 @@ TEXT_VOCAB = 240  # text tokens stay below the placeholder ids
 PAD_ID = 0
 
 # Each row is a list of samples, each sample a list of media items (frames per item; one frame is
-# an image). Micro-batch 0 holds 3 + 1 + 17 = 21 frames (6/5/5/5 over four ranks).
+# an image). Micro-batch 0 packs rows (attention by segment ids) and holds 3 + 1 + 17 = 21 frames
+# (6/5/5/5 over four ranks); micro-batch 1 has one sample per row (plain causal attention).
 MICRO_BATCHES = (
     ([[3], [1], []], [[17]]),
-    ([[1], [5]], [[], [2, 1]]),
+    ([[5]], [[2, 1]]),
 )
 
 

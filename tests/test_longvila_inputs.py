@@ -71,6 +71,7 @@ def test_uneven_samples_3_17_1_frames_over_4_ranks():
 def test_expanded_sequence_equals_token_by_token_construction(batch_index):
     batch = micro_batches()[batch_index]
     expanded = expand_batch(batch, CFG, multiple=8)
+    assert prepare_mmsp_inputs(batch, CFG).packed == (batch_index == 0)  # rows of 3 / 1 samples
     rows = reference_rows(batch, CFG)
     assert expanded.seq_length == -(-max(len(r["tokens"]) for r in rows) // 8) * 8
     visual = []

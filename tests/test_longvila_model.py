@@ -94,6 +94,17 @@ def run_reference(checkpoint: str) -> dict:
     dist_checkpointing.save(model.sharded_state_dict(), checkpoint)
     keys = sorted(model.sharded_state_dict())
 
+    # The logits path gives the same token losses (cross entropy of the returned logits).
+    inputs = model.prepare_inputs(micro_batches()[0])
+    with torch.no_grad():
+        logits = model(inputs, return_logits=True)  # [b, s, vocab]
+        losses = model(inputs)
+    labels = inputs.labels
+    from_logits = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), labels.flatten().clamp(min=0), reduction="none"
+    ).view_as(labels)
+    logits_error = (from_logits - losses)[labels >= 0].abs().max().item()
+
     llm = LanguageModel(CFG.llm, transformer_overrides=OVERRIDES)  # megatron's own attention
     llm.load_state_dict(model.llm.state_dict())
     sums = [_reference_loss_sum(model, llm, batch, CFG) for batch in micro_batches()]
@@ -109,7 +120,7 @@ def run_reference(checkpoint: str) -> dict:
         for name, p in module.named_parameters()
         if p.requires_grad
     }
-    return {"loss": float(total / count), "grads": grads, "keys": keys}
+    return {"loss": float(total / count), "grads": grads, "keys": keys, "logits": logits_error}
 
 
 # ---- the layouts under test -------------------------------------------------------------------
@@ -234,6 +245,10 @@ def reference(rank_pools):
 def test_checkpoint_keys_name_the_three_parts(reference):
     keys = reference[0]["keys"]
     assert {k.split(".")[0] for k in keys} == {"vision_tower", "mm_projector", "llm"}
+
+
+def test_logits_give_the_token_losses(reference):
+    assert reference[0]["logits"] <= TOLERANCE
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

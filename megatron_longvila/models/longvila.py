@@ -12,7 +12,8 @@ A forward pass on one rank, given its :class:`MMSPInputs` (see :mod:`.multimodal
   shard holds its position (one all-to-all with per-rank counts; gradients return the same way);
 * stage 2: the text embeddings of the local shard get the delivered visual tokens spliced in at
   their slots, and the LLM runs on the shard with MM-SP attention (packed samples as segment ids,
-  RoPE from each token's own position id).
+  RoPE from each token's own position id). Batches without packed rows attend causally without
+  segment ids, which keeps the kernels on their unmasked (flash) path.
 
 sp is megatron-core's context-parallel group (``[ulysses, ring]`` its hierarchical levels); tensor
 parallel ranks of one sp rank encode the same frames with the TP-aware vision tower. The LLM's
@@ -165,7 +166,9 @@ class LongVILAModel(MegatronModule):
         hidden states [s/sp, b, hidden] for the next stage.
         """
         decoder_input = self.embed(inputs) if self.pre_process else None
-        packed = MMSPPackedSeqParams.from_segment_ids(inputs.segment_ids, inputs.seq_length)
+        packed = None  # rows of one sample need no mask: the kernels' causal path is exact
+        if inputs.packed:
+            packed = MMSPPackedSeqParams.from_segment_ids(inputs.segment_ids, inputs.seq_length)
         return self.llm(
             None,
             inputs.position_ids,

@@ -55,6 +55,9 @@ class MMSPInputs:
 
     input_ids, labels, position_ids, segment_ids: [b, S/sp], this rank's zigzag shard.
     seq_length: the global padded length ``S``.
+    packed: some row of the batch holds several samples, so attention needs the segment ids.
+    Otherwise causal attention alone is exact: padding only trails a row's tokens, so no token
+    sees it, and it carries no loss.
     frames: [n, C, H, W] the frames this rank encodes (None on stages without the vision tower).
     route: where this rank's visual tokens go and where received ones belong.
     """
@@ -64,6 +67,7 @@ class MMSPInputs:
     position_ids: torch.Tensor
     segment_ids: torch.Tensor
     seq_length: int
+    packed: bool
     route: VisualTokenRoute
     frames: torch.Tensor | None
 
@@ -74,6 +78,7 @@ class MMSPInputs:
             position_ids=self.position_ids.to(device),
             segment_ids=self.segment_ids.to(device),
             seq_length=self.seq_length,
+            packed=self.packed,
             route=self.route.to(device),
             frames=None if self.frames is None else self.frames.to(device),
         )
@@ -205,12 +210,15 @@ def prepare_mmsp_inputs(
     if with_frames:
         start, stop = frame_range(batch.num_frames, sp, sp_rank)
         frames = select_frames(batch.media, start, stop)
+    segments = full.segment_ids
+    packed = bool(((segments != segments[:, :1]) & (segments != PAD_SEGMENT)).any())
     return MMSPInputs(
         input_ids=full.input_ids[:, index],
         labels=full.labels[:, index],
         position_ids=full.position_ids[:, index],
-        segment_ids=full.segment_ids[:, index],
+        segment_ids=segments[:, index],
         seq_length=seq_length,
+        packed=packed,
         route=route,
         frames=frames,
     )
