@@ -2,8 +2,9 @@
 
 * :func:`build_longvila_model` returns this rank's model chunk(s) for the current megatron-core
   layout (``initialize_mmsp`` first): vision tower + projector on the first pipeline stage, the
-  LLM layers of this stage, wrapped in megatron's DDP when a ``ddp_config`` is given. It sets
-  ``config.finalize_model_grads_func`` so the schedules finish gradients the megatron way.
+  LLM layers of this stage, wrapped in megatron's DDP when a ``ddp_config`` is given (then
+  ``config.finalize_model_grads_func`` is set, so the schedules finish gradients the megatron
+  way).
 * :func:`forward_step` is the ``forward_step_func`` of ``get_forward_backward_func()`` (no
   pipelining or 1F1B): it takes a :class:`MultimodalBatch` from the iterator — every rank of a
   data-parallel replica, on every pipeline stage, must get the same batches — builds this rank's
@@ -47,10 +48,14 @@ def build_longvila_model(
 ) -> list[torch.nn.Module]:
     """This rank's model chunks (one: virtual pipeline stages are not used), on its device.
 
-    Weights are drawn from ``seed`` identically on every rank (then sliced for tensor
-    parallelism), so every layout starts from the same full model; load a checkpoint to replace
-    them. With ``ddp_config`` the chunk is megatron's ``DistributedDataParallel`` (gradients in
-    ``param.main_grad``); without, a bare :class:`LongVILAModel`.
+    Weights are drawn on the CPU from ``seed``, the same on every rank (tensor-parallel ranks
+    slice the same full tensors), so all sp and dp ranks start alike. A stage draws only its own
+    layers, so layouts with different pipeline sizes start from different weights: load a
+    checkpoint (``dist_checkpointing``) to start them from the same. With ``ddp_config`` the
+    chunk is megatron's ``DistributedDataParallel`` (gradients in ``param.main_grad``, finished
+    by the schedules through ``finalize_model_grads``; ``average_in_collective`` must stay off,
+    as megatron requires with per-token losses); without, a bare :class:`LongVILAModel` (e.g.
+    for evaluation with ``forward_only=True``).
     """
     platform.seed_everything(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -62,9 +67,10 @@ def build_longvila_model(
         transformer_overrides=transformer_overrides,
     )
     model.to(platform.local_device())
-    model.config.finalize_model_grads_func = finalize_model_grads
     if ddp_config is None:
         return [model]
+    # The schedules then finish gradients as megatron does: DDP reduction, token-count scaling.
+    model.config.finalize_model_grads_func = finalize_model_grads
     return [DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)]
 
 

@@ -84,11 +84,11 @@ class MMSPInputs:
         )
 
 
-def check_media(batch: MultimodalBatch, cfg: LongVILAConfig) -> torch.Tensor:
-    """Refuse a batch whose placeholders and media disagree; return the placeholder mask [b, s].
+def placeholder_mask(batch: MultimodalBatch, cfg: LongVILAConfig) -> torch.Tensor:
+    """Where the batch's ``<image>``/``<video>`` placeholders are: [b, s] bool (padding left out).
 
-    Placeholders count only outside padding; every media item must be ``[frames ≥ 1, C, H, W]``
-    at the vision tower's size.
+    Refuses a batch whose placeholders and media disagree: one placeholder per media item, and
+    every media item ``[frames ≥ 1, C, H, W]`` at the vision tower's size.
     """
     ids = batch.input_ids
     placeholders = (ids == cfg.image_token_id) | (ids == cfg.video_token_id)
@@ -129,7 +129,7 @@ def _shifted_labels(labels: torch.Tensor, segment_ids: torch.Tensor) -> torch.Te
 
 def expand_batch(batch: MultimodalBatch, cfg: LongVILAConfig, multiple: int = 1) -> ExpandedBatch:
     """The expanded, shifted, position-numbered batch, padded to a multiple of ``multiple``."""
-    placeholders = check_media(batch, cfg)
+    placeholders = placeholder_mask(batch, cfg)
     tokens_per_frame = cfg.tokens_per_frame
     span = torch.ones_like(batch.input_ids)
     frames = torch.tensor([int(m.shape[0]) for m in batch.media], dtype=torch.long)
