@@ -29,9 +29,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 
 @dataclass(frozen=True)
@@ -60,29 +57,6 @@ def method_name(ulysses: int, ring: int) -> str:
     return "ulysses-only" if ring == 1 else "2D"
 
 
-class _PeakTensorBytes(TorchDispatchMode):
-    """Peak bytes of tensor storages created inside the mode and alive at the same time."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.current = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
-            self.current -= self.live.pop(key)[1]
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self.live and storage.nbytes():
-                    self.live[key] = (StorageWeakRef(storage), storage.nbytes())
-                    self.current += storage.nbytes()
-        self.peak = max(self.peak, self.current)
-        return out
-
-
 def _inputs(settings: Settings, sp: int, sp_rank: int, device: torch.device):
     from megatron_longvila.core.sequence_parallel.sharding import split_zigzag
 
@@ -107,16 +81,11 @@ def _step(q, k, v, dout, settings: Settings, groups) -> None:
 
 
 def _peak_bytes(q, k, v, dout, settings: Settings, groups) -> int:
-    if q.device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+    from megatron_longvila.core.memory_tracking import TensorMemoryMeter
+
+    with TensorMemoryMeter(q.device) as meter:
         _step(q, k, v, dout, settings, groups)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    with _PeakTensorBytes() as tracker:
-        _step(q, k, v, dout, settings, groups)
-    return tracker.peak
+    return meter.peak
 
 
 def measure_split(settings: Settings, ulysses: int, ring: int) -> dict[str, Any]:
