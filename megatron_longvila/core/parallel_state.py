@@ -15,7 +15,6 @@ return the groups, and :func:`get_mmsp_groups` the bundle the attention function
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Any
 
