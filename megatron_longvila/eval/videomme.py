@@ -103,7 +103,9 @@ def load_questions(path: str | Path) -> list[VideoMMEQuestion]:
     for row in rows:
         nested = row.get("questions")
         for record in nested if nested is not None else [row]:
-            questions.append(_question_from(record, {k: v for k, v in row.items() if k != "questions"}))
+            questions.append(
+                _question_from(record, {k: v for k, v in row.items() if k != "questions"})
+            )
     ids = [q.question_id for q in questions]
     if len(set(ids)) != len(ids):
         repeated = sorted({i for i in ids if ids.count(i) > 1})[:5]
@@ -143,7 +145,9 @@ class VideoMMESettings:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown or not self.variants:
-            raise ValueError(f"variants must be a non-empty subset of {VARIANTS}, got {self.variants}")
+            raise ValueError(
+                f"variants must be a non-empty subset of {VARIANTS}, got {self.variants}"
+            )
 
 
 def subtitles_for(video: Path, subtitles_dir: Path | None, stem: str, num_frames: int) -> list[str]:
@@ -197,7 +201,9 @@ def summarize(records: dict[str, dict], settings: VideoMMESettings) -> dict:
         for r in answered:
             by_duration[r["duration"]].append(r)
             by_task[r["task_type"]].append(r)
-        order = [d for d in DURATIONS if d in by_duration] + sorted(set(by_duration) - set(DURATIONS))
+        order = [d for d in DURATIONS if d in by_duration] + sorted(
+            set(by_duration) - set(DURATIONS)
+        )
         summary[variant] = {
             **_accuracy(answered),
             "unparsed": sum(r["choice"] is None for r in answered),
@@ -232,7 +238,10 @@ def run_videomme(
     }
     results = ResultsFile(output, "videomme", recorded, resume=resume)
     todo = [
-        (q, v) for q in questions for v in settings.variants if not results.done(f"{q.question_id}/{v}")
+        (q, v)
+        for q in questions
+        for v in settings.variants
+        if not results.done(f"{q.question_id}/{v}")
     ]
     for question, variant in progress(todo, total=len(todo), desc="videomme"):
         record = {
