@@ -29,7 +29,9 @@ class CaptionItem:
     references: tuple[str, ...]
 
 
-def load_caption_items(path: str | Path, videos_root: str | Path | None = None) -> list[CaptionItem]:
+def load_caption_items(
+    path: str | Path, videos_root: str | Path | None = None
+) -> list[CaptionItem]:
     """Items of ``path``; video paths are relative to ``videos_root`` (default: the file's
     folder)."""
     path = Path(path)

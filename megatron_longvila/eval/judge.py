@@ -79,7 +79,7 @@ class HFCausalLMJudge:
             # Prefer the bare digit; " 5" may be one token or a space then "5".
             self.digit_ids.append(plain[0] if len(plain) == 1 else ids[0])
         if len(set(self.digit_ids)) != 6:
-            raise ValueError(f"the judge's tokenizer does not give the digits 0-5 distinct tokens")
+            raise ValueError("the judge's tokenizer does not give the digits 0-5 distinct tokens")
 
     def judge(self, caption: str, reference: str, aspect: str) -> Verdict:
         prompt = judge_prompt(caption, reference, aspect)

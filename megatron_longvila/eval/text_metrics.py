@@ -72,7 +72,9 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
     return previous[-1]
 
 
-def rouge_l(candidates: Sequence[str], references: Sequence[Sequence[str]], beta: float = 1.2) -> float:
+def rouge_l(
+    candidates: Sequence[str], references: Sequence[Sequence[str]], beta: float = 1.2
+) -> float:
     """Mean over candidates of the best ROUGE-L F-measure against their references, in [0, 1]."""
     _check(candidates, references)
     scores = []
