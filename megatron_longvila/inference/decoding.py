@@ -166,6 +166,8 @@ def prompt_inputs(model: LongVILAModel, prompt: MultimodalPrompt) -> MMSPInputs:
     inputs = prepare_mmsp_inputs(
         batch, cfg, sp=groups.sp_size, sp_rank=groups.sp_rank, with_frames=False
     )
+    if local is not None:
+        local = local.to(dtype=next(model.parameters()).dtype)
     return dataclasses.replace(inputs, frames=local).to(_device(model))
 
 

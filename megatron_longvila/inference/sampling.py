@@ -25,6 +25,8 @@ class SamplingParams:
     seed: seeds the sampler (the same on every rank).
     stop_token_ids: generation ends after emitting one of these (it is kept in the output).
     max_new_tokens: generation ends after this many tokens.
+    banned_token_ids: never chosen (e.g. the ``<image>``/``<video>`` placeholders, which only
+        stand for media in a prompt and have no meaning as generated text).
     """
 
     max_new_tokens: int = 128
@@ -32,6 +34,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int = 0
     stop_token_ids: tuple[int, ...] = ()
+    banned_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -40,7 +43,8 @@ class SamplingParams:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        for name in ("stop_token_ids", "banned_token_ids"):
+            object.__setattr__(self, name, tuple(int(t) for t in getattr(self, name)))
 
     @property
     def greedy(self) -> bool:
@@ -70,6 +74,8 @@ def choose_next_token(
     if logits.dim() != 1:
         raise ValueError(f"logits must be [vocab], got shape {tuple(logits.shape)}")
     logits = logits.detach().float().cpu()
+    if params.banned_token_ids:
+        logits = logits.index_fill(0, torch.tensor(params.banned_token_ids), float("-inf"))
     if params.greedy:
         return int(logits.argmax())
     probs = nucleus_probabilities(logits, params.temperature, params.top_p)
