@@ -50,6 +50,7 @@ setup(
         "console_scripts": [
             "longvila-train=megatron_longvila.training.trainer:main",
             "longvila-launch=megatron_longvila.training.launcher:main",
+            "longvila-eval=megatron_longvila.eval.cli:main",
         ],
     },
 )

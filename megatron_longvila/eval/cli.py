@@ -1,0 +1,266 @@
+"""longvila-eval: needle-in-a-haystack, VideoMME-format multiple choice and captioning scores.
+
+    torchrun --nproc-per-node 4 -m megatron_longvila.eval needle \\
+        --checkpoint runs/stage5/checkpoints --frame-counts 32,64,128 --depths 0,25,50,75,100 \\
+        --output results/needle.json
+    torchrun --nproc-per-node 4 -m megatron_longvila.eval videomme --checkpoint ... \\
+        --questions videomme.json --videos videos/ --subtitles subtitles/ --output vmme.json
+    torchrun --nproc-per-node 4 -m megatron_longvila.eval caption --checkpoint ... \\
+        --items captions.jsonl --judge /models/judge-llm --output captions.json
+
+All ranks serve one prompt at a time with MM-SP (``world = tp × ulysses × ring``; by default
+Ulysses takes every rank left after ``--tp`` and ``--ring``). Rank 0 shows progress and writes the
+JSON; a run started again with the same output resumes where it stopped (``--restart`` starts
+over). Without torchrun it runs as one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_longvila.core import platform
+from megatron_longvila.core.parallel_state import MMSPTopology, initialize_mmsp
+from megatron_longvila.data.chat_template import TEMPLATES, all_template_markers
+from megatron_longvila.data.tokenizer import load_tokenizer
+from megatron_longvila.data.video import VideoDecodeError
+from megatron_longvila.eval.captioning import CaptionSettings, load_caption_items, run_captioning
+from megatron_longvila.eval.generator_predictor import GeneratorPredictor
+from megatron_longvila.eval.heatmap import plot_needle_heatmap
+from megatron_longvila.eval.judge import HFCausalLMJudge
+from megatron_longvila.eval.needle import (
+    SCORINGS,
+    Haystack,
+    NeedleSettings,
+    run_needle_eval,
+    write_synthetic_haystack,
+)
+from megatron_longvila.eval.results_file import is_rank0
+from megatron_longvila.eval.videomme import (
+    MODES,
+    VARIANTS,
+    VideoMMESettings,
+    load_questions,
+    run_videomme,
+)
+from megatron_longvila.inference.generator import FrameSettings, Generator
+from megatron_longvila.inference.loading import load_model_for_inference
+from megatron_longvila.models.config import ConfigError, LongVILAConfig
+from megatron_longvila.training.checkpointing import CheckpointError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _percent_list(text: str) -> list[float]:
+    return [float(x) / 100 for x in text.split(",") if x.strip()]
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model")
+    model.add_argument("--checkpoint", required=True, help="checkpoint root, iter_* or HF folder")
+    model.add_argument("--tokenizer", help="tokenizer (default: recorded in the checkpoint)")
+    model.add_argument("--chat-template", choices=sorted(TEMPLATES))
+    model.add_argument("--system-prompt")
+    model.add_argument("--model-preset", help="architecture, if the checkpoint records none")
+    model.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    model.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    model.add_argument("--ulysses", type=int, help="Ulysses part of sp (default: the rest)")
+    model.add_argument("--ring", type=int, default=1, help="ring part of sp")
+    model.add_argument("--num-frames", type=int, default=8, help="frames sampled from a file")
+    model.add_argument("--fps", type=float, help="sample at this rate instead (≤ --max-frames)")
+    model.add_argument("--max-frames", type=int, default=1024)
+    model.add_argument("--resize-mode", choices=("pad", "crop"), default="pad")
+    run = parser.add_argument_group("run")
+    run.add_argument("--output", type=Path, required=True, help="results JSON (rank 0)")
+    run.add_argument("--restart", action="store_true", help="start over instead of resuming")
+
+
+def _needle_parser(sub) -> None:
+    p = sub.add_parser("needle", help="needle in a haystack: frames × depth heatmap")
+    _add_model_arguments(p)
+    p.add_argument("--haystack", type=Path, help="haystack video (default: a synthetic one)")
+    p.add_argument("--haystack-frames", type=int, default=0, help="frames of a synthetic one")
+    p.add_argument("--haystack-size", type=int, default=64, help="side of a synthetic one")
+    p.add_argument("--frame-counts", type=_int_list, default=[8, 16, 32])
+    p.add_argument("--depths", type=_percent_list, default=[0.0, 0.25, 0.5, 0.75, 1.0])
+    p.add_argument("--trials", type=int, default=2, help="needles per cell")
+    p.add_argument("--needle-frames", type=int, default=1)
+    p.add_argument("--needle-range", type=int, default=100, help="needles are 0..range-1")
+    p.add_argument("--scoring", choices=SCORINGS, default="options")
+    p.add_argument("--num-options", type=int, default=4)
+    p.add_argument("--question", default=NeedleSettings.question)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--heatmap", type=Path, help="PNG (default: the output with .png)")
+
+
+def _videomme_parser(sub) -> None:
+    p = sub.add_parser("videomme", help="VideoMME-format multiple choice")
+    _add_model_arguments(p)
+    p.add_argument("--questions", type=Path, required=True, help=".json/.jsonl/.parquet")
+    p.add_argument("--videos", type=Path, required=True, help="folder of <videoID>.<ext>")
+    p.add_argument("--subtitles", type=Path, help="folder of <videoID>.srt")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, help="default: both if subtitles")
+    p.add_argument("--mode", choices=MODES, default="generate")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+
+
+def _caption_parser(sub) -> None:
+    p = sub.add_parser("caption", help="captioning score (text metrics, optional LLM judge)")
+    _add_model_arguments(p)
+    p.add_argument("--items", type=Path, required=True, help=".json/.jsonl of video + caption")
+    p.add_argument("--videos-root", type=Path, help="video paths are relative to this")
+    p.add_argument("--judge", type=Path, help="local Hugging Face causal-LM folder")
+    p.add_argument("--prompt", default=CaptionSettings.prompt)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="longvila-eval", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _needle_parser(sub)
+    _videomme_parser(sub)
+    _caption_parser(sub)
+    return parser.parse_args(argv)
+
+
+def load_predictor(args: argparse.Namespace) -> GeneratorPredictor:
+    """Initialize the layout, load the checkpoint, wrap it as a predictor."""
+    world = dist.get_world_size()
+    ulysses = args.ulysses or max(1, world // (args.tp * args.ring))
+    topology = MMSPTopology(tp=args.tp, ulysses=ulysses, ring=args.ring)
+    if topology.tp * topology.sp != world:
+        raise ValueError(
+            f"every rank serves one prompt: tp × ulysses × ring = {args.tp} × {ulysses} × "
+            f"{args.ring} must equal the world size {world}"
+        )
+    initialize_mmsp(topology)
+    preset = LongVILAConfig.preset(args.model_preset) if args.model_preset else None
+    model, source = load_model_for_inference(
+        args.checkpoint, model_config=preset, params_dtype=DTYPES[args.dtype]
+    )
+    tokenizer_path = args.tokenizer or source.tokenizer_path
+    if tokenizer_path is None:
+        raise CheckpointError(f"{source.directory} records no tokenizer; pass --tokenizer")
+    generator = Generator(
+        model,
+        load_tokenizer(tokenizer_path, all_template_markers()),
+        chat_template=args.chat_template or source.chat_template or "qwen2",
+        system_prompt=args.system_prompt,
+        frames=FrameSettings(args.num_frames, args.fps, args.max_frames, args.resize_mode),
+    )
+    description = {
+        "checkpoint": str(args.checkpoint),
+        "tokenizer": str(tokenizer_path),
+        "dtype": args.dtype,
+        "layout": {"tp": topology.tp, "ulysses": topology.ulysses, "ring": topology.ring},
+    }
+    return GeneratorPredictor(generator, description)
+
+
+def _haystack(args: argparse.Namespace) -> Haystack:
+    if args.haystack is not None:
+        return Haystack(args.haystack)
+    frames = args.haystack_frames or 2 * max(args.frame_counts)
+    path = args.output.with_name(f"{args.output.stem}_haystack.mp4")
+    if is_rank0():
+        size = args.haystack_size
+        write_synthetic_haystack(path, frames, size, size, seed=args.seed)
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    return Haystack(path)
+
+
+def run_needle(args: argparse.Namespace, predictor: GeneratorPredictor) -> dict:
+    settings = NeedleSettings(
+        frame_counts=args.frame_counts,
+        depths=args.depths,
+        trials=args.trials,
+        needle_frames=args.needle_frames,
+        scoring=args.scoring,
+        num_options=args.num_options,
+        needle_range=args.needle_range,
+        question=args.question,
+        seed=args.seed,
+    )
+    summary = run_needle_eval(
+        predictor, _haystack(args), settings, args.output, resume=not args.restart
+    )
+    if is_rank0():
+        heatmap = args.heatmap or args.output.with_suffix(".png")
+        grid = summary["grid"]
+        plot_needle_heatmap(grid["accuracy"], args.frame_counts, args.depths, heatmap)
+        summary["heatmap"] = str(heatmap)
+    return summary
+
+
+def run_videomme_cli(args: argparse.Namespace, predictor: GeneratorPredictor) -> dict:
+    variants = args.variants or (list(VARIANTS) if args.subtitles else ["without_subtitles"])
+    settings = VideoMMESettings(args.num_frames, args.mode, variants, args.max_new_tokens)
+    questions = load_questions(args.questions)
+    return run_videomme(
+        predictor,
+        questions,
+        args.videos,
+        settings,
+        args.output,
+        subtitles=args.subtitles,
+        resume=not args.restart,
+    )
+
+
+def run_caption(args: argparse.Namespace, predictor: GeneratorPredictor) -> dict:
+    if args.judge is not None and not args.judge.is_dir():
+        raise FileNotFoundError(f"caption judge folder {args.judge} does not exist")
+    items = load_caption_items(args.items, args.videos_root)
+    judge = HFCausalLMJudge(args.judge) if args.judge is not None and is_rank0() else None
+    settings = CaptionSettings(args.prompt, args.num_frames, args.max_new_tokens)
+    return run_captioning(predictor, items, settings, args.output, judge, resume=not args.restart)
+
+
+COMMANDS = {"needle": run_needle, "videomme": run_videomme_cli, "caption": run_caption}
+
+
+def _start_single_process() -> None:
+    """Without a launcher, this process is the whole (one-rank) world."""
+    if "RANK" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(
+        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    import json
+
+    args = parse_args(argv)
+    _start_single_process()
+    platform.adapt_megatron_for_cpu()
+    platform.init_distributed()
+    try:
+        summary = COMMANDS[args.command](args, load_predictor(args))
+    except (CheckpointError, ConfigError, ValueError, VideoDecodeError, FileNotFoundError) as exc:
+        if is_rank0():
+            print(f"error: {exc}", file=sys.stderr)
+        dist.destroy_process_group()
+        return 2
+    if is_rank0():
+        print(json.dumps(summary, indent=1))
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

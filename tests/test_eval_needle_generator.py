@@ -1,0 +1,139 @@
+"""The needle evaluation through the real Generator on 2 gloo ranks: SP = 2 predicts as SP = 1.
+
+Setup: a tiny random LongVILA model (init std 0.2, so option scores differ clearly) whose
+vocabulary is a locally trained tokenizer's, saved by ``CheckpointManager`` with its inference
+metadata; a 48×48 synthetic haystack video.
+Reference: the same checkpoint loaded at SP = 1 (each rank a whole model) and wrapped by hand in
+``Generator`` + ``GeneratorPredictor``.
+Under test: the CLI's own path (``parse_args`` → ``load_predictor`` → ``run_needle``) at SP = 2
+(Ulysses over both ranks), which must write the JSON and the heatmap PNG on rank 0 only, choose
+the same option in every trial and give the same generated answer (exact-match sweep), with
+option log-likelihoods equal to the reference's within 1e-4 (fp32; the sharded prefill merges
+attention by log-sum-exp, so only rounding differs).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+FRAME_COUNTS, DEPTHS = "4,8", "0,50,100"
+TOLERANCE = 1e-4
+
+
+def _model_config(tokenizer):
+    from megatron_longvila.models.config import LLMConfig, LongVILAConfig
+
+    tiny = LongVILAConfig.preset("tiny")
+    return LongVILAConfig(
+        vision=tiny.vision,
+        llm=LLMConfig.preset("tiny", vocab_size=tokenizer.vocab_size),
+        image_token_id=tokenizer.image_id,
+        video_token_id=tokenizer.video_id,
+    )
+
+
+def _cli_args(root: str, haystack: str, output: Path, scoring: str) -> list[str]:
+    args = ["needle", "--checkpoint", root, "--haystack", haystack, "--output", str(output)]
+    args += ["--frame-counts", FRAME_COUNTS, "--depths", DEPTHS, "--trials", "1"]
+    return args + (["--scoring", scoring] if scoring else [])
+
+
+def reference_sp1(root: str, tokenizer_dir: str, haystack: str, out_dir: str) -> None:
+    """Save the checkpoint, then run both sweeps at SP = 1 with a hand-built predictor."""
+    import torch
+    from megatron.core import parallel_state
+
+    from megatron_longvila.data.chat_template import all_template_markers
+    from megatron_longvila.data.tokenizer import load_tokenizer
+    from megatron_longvila.eval.cli import parse_args
+    from megatron_longvila.eval.generator_predictor import GeneratorPredictor
+    from megatron_longvila.eval.needle import Haystack, NeedleSettings, run_needle_eval
+    from megatron_longvila.inference import Generator, inference_metadata, load_model_for_inference
+    from megatron_longvila.models.longvila_step import build_longvila_model
+    from megatron_longvila.training.checkpointing import CheckpointManager
+
+    parallel_state.initialize_model_parallel()
+    tokenizer = load_tokenizer(tokenizer_dir, all_template_markers())
+    cfg = _model_config(tokenizer)
+    torch.manual_seed(0)
+    (model,) = build_longvila_model(cfg, transformer_overrides={"init_method_std": 0.2})
+    CheckpointManager(root).save(
+        1, model.sharded_state_dict(), inference_metadata(cfg, tokenizer_dir, "qwen2")
+    )
+    loaded, _ = load_model_for_inference(root)
+    predictor = GeneratorPredictor(Generator(loaded, tokenizer))
+    for scoring in ("options", "exact"):
+        args = parse_args(_cli_args(root, haystack, Path(out_dir) / f"sp1_{scoring}.json", scoring))
+        settings = NeedleSettings(
+            frame_counts=args.frame_counts, depths=args.depths, trials=1, scoring=scoring
+        )
+        run_needle_eval(predictor, Haystack(haystack), settings, args.output)
+
+
+def cli_sp2(root: str, haystack: str, out_dir: str) -> int:
+    """Both sweeps through the CLI's functions at SP = 2; returns how many times this rank
+    wrote a results file."""
+    from megatron_longvila.eval import results_file
+    from megatron_longvila.eval.cli import load_predictor, parse_args, run_needle
+
+    writes = []
+    write = results_file.write_json_atomic
+    results_file.write_json_atomic = lambda path, data: (writes.append(path), write(path, data))
+    try:
+        outputs = {s: Path(out_dir) / f"sp2_{s}.json" for s in ("options", "exact")}
+        predictor = load_predictor(parse_args(_cli_args(root, haystack, outputs["options"], "")))
+        for scoring, output in outputs.items():
+            run_needle(parse_args(_cli_args(root, haystack, output, scoring)), predictor)
+    finally:
+        results_file.write_json_atomic = write
+    return len(writes)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, rank_pools) -> Path:
+    from megatron_longvila.data.synthetic import SyntheticVideoSpec, write_synthetic_video
+    from megatron_longvila.data.tokenizer import build_tiny_tokenizer
+
+    tmp = tmp_path_factory.mktemp("needle-generator")
+    tokenizer_dir = build_tiny_tokenizer(tmp / "tokenizer")
+    spec = SyntheticVideoSpec(num_frames=16, width=48, height=48)
+    haystack = str(write_synthetic_video(tmp / "haystack.mp4", spec).path)
+    root = str(tmp / "checkpoints")
+    pool = rank_pools(2)
+    pool.run(reference_sp1, root, str(tokenizer_dir), haystack, str(tmp))
+    writes = pool.run(cli_sp2, root, haystack, str(tmp))
+    assert writes[0] > 0 and writes[1] == 0, writes  # rank 0 alone writes
+    return tmp
+
+
+def test_sp2_predicts_like_sp1(runs):
+    for scoring in ("options", "exact"):
+        sp1 = json.loads((runs / f"sp1_{scoring}.json").read_text())
+        sp2 = json.loads((runs / f"sp2_{scoring}.json").read_text())
+        assert sp1["complete"] and sp2["complete"]
+        assert sorted(sp1["records"]) == sorted(sp2["records"]) and len(sp1["records"]) == 6
+        for key, ref in sp1["records"].items():
+            got = sp2["records"][key]
+            assert got["prediction"] == ref["prediction"], key
+            if scoring == "options":
+                diffs = [abs(a - b) for a, b in zip(got["scores"], ref["scores"])]
+                assert max(diffs) <= TOLERANCE, (key, got["scores"], ref["scores"])
+                # Scores differ between options by far more than the tolerance: a real choice.
+                assert max(ref["scores"]) - min(ref["scores"]) > 100 * TOLERANCE
+        assert sp2["summary"]["grid"]["accuracy"] == sp1["summary"]["grid"]["accuracy"]
+        assert sp2["settings"]["model"]["layout"] == {"tp": 1, "ulysses": 2, "ring": 1}
+
+
+def test_json_and_heatmap_written(runs):
+    import matplotlib.image
+
+    for scoring in ("options", "exact"):
+        image = matplotlib.image.imread(runs / f"sp2_{scoring}.png")
+        assert image.ndim == 3 and min(image.shape[:2]) > 50
+        report = json.loads((runs / f"sp2_{scoring}.json").read_text())
+        assert report["summary"]["grid"]["columns_frames"] == [4, 8]
+        assert report["settings"]["model"]["frames"]["resize_mode"] == "pad"
+    assert not list(runs.glob(".*.tmp"))  # every write completed its rename
