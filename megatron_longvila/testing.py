@@ -149,6 +149,7 @@ def _reset_megatron_state() -> None:
         from megatron.core.tensor_parallel import random as mcore_random
 
         parallel_state.destroy_model_parallel()
+        parallel_state._HIERARCHICAL_CONTEXT_PARALLEL_GROUPS = None  # destroy leaves it set
         mcore_random._CUDA_RNG_STATE_TRACKER = None
         mcore_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = False
     except Exception:

@@ -16,6 +16,7 @@ import torch
 from megatron_longvila.training.checkpointing import (
     CheckpointError,
     CheckpointManager,
+    load_full_tensors,
     verify_checkpoint_metadata,
 )
 
@@ -91,6 +92,16 @@ def test_save_prune_and_load_across_tp_layouts(ranks2):
         for name, value in params.items():
             assert torch.equal(loaded_params[name], value), name
     assert same[0][3] is not None and "cpu_rng" in same[0][3]
+
+    # One process, no process group: full tensors straight from the files.
+    # Keys are the modules' sharded keys (optimizer state sits under "optimizer.").
+    by_name = load_full_tensors(Path(root) / "iter_0000003", "")
+    assert torch.equal(
+        by_name["embedding.word_embeddings.weight"], params["embedding.word_embeddings.weight"]
+    )
+    stacked = by_name["decoder.layers.self_attention.linear_qkv.weight"]
+    assert stacked.shape[0] == 2  # the two layers, stacked
+    assert torch.equal(stacked[1], params["decoder.layers.1.self_attention.linear_qkv.weight"])
 
 
 class _KilledBeforePublish(CheckpointManager):

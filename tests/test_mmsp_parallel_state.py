@@ -191,3 +191,33 @@ def test_uninitialized_state_means_groups_of_one():
     assert (groups.sp_size, groups.ulysses_size, groups.ring_size) == (1, 1, 1)
     with pytest.raises(RuntimeError, match="initialize_mmsp"):
         mmsp.get_sp_group()
+
+
+def reinitialize_without_hierarchy() -> tuple:
+    """2D MM-SP, destroyed, then megatron-core's own initialization with plain CP."""
+    from megatron.core import parallel_state as mcore
+
+    from megatron_longvila.core import parallel_state as mmsp
+
+    mmsp.initialize_mmsp(MMSPTopology(ulysses=2, ring=2))
+    mcore.destroy_model_parallel()  # leaves its hierarchical CP groups behind
+    mcore.initialize_model_parallel(context_parallel_size=2)
+    after_plain = (
+        mmsp.get_sp_world_size(),
+        mmsp.get_ulysses_world_size(),
+        mmsp.get_ring_world_size(),
+    )
+    mcore.destroy_model_parallel()
+    mcore.initialize_model_parallel()
+    after_none = (
+        mmsp.get_sp_world_size(),
+        mmsp.get_ulysses_world_size(),
+        mmsp.get_ring_world_size(),
+    )
+    return after_plain, after_none
+
+
+def test_stale_hierarchical_groups_of_an_earlier_run_are_ignored(rank_pools):
+    for after_plain, after_none in rank_pools(4).run(reinitialize_without_hierarchy):
+        assert after_plain == (2, 1, 2)
+        assert after_none == (1, 1, 1)

@@ -13,6 +13,7 @@ import torch
 
 from megatron_longvila.core.sequence_parallel.hybrid import ring_order_after_ulysses
 from megatron_longvila.core.sequence_parallel.sharding import (
+    locate_tokens,
     pad_to_multiple,
     shard_token_indices,
     split_sequence,
@@ -37,6 +38,19 @@ def test_split_zigzag_is_megatron_cores_cp_split(monkeypatch, sp):
 def test_shards_partition_the_sequence(layout):
     indices = torch.cat([shard_token_indices(48, 8, r, layout) for r in range(8)])
     assert torch.equal(indices.sort().values, torch.arange(48))
+
+
+@pytest.mark.parametrize("sp", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+def test_locate_tokens_inverts_shard_token_indices(sp, layout):
+    seq = 2 * sp * 5
+    for rank in range(sp):
+        held = shard_token_indices(seq, sp, rank, layout)
+        owner, local = locate_tokens(held, seq, sp, layout)
+        assert (owner == rank).all()
+        assert torch.equal(local, torch.arange(len(held)))
+    with pytest.raises(ValueError, match=rf"positions 0..{seq} must lie in \[0, {seq}\)"):
+        locate_tokens(torch.tensor([0, seq]), seq, sp, layout)
 
 
 def test_pad_to_multiple_and_clear_errors():

@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_longvila.benchmarks.cost_model import FUSED_KERNELS, TORCH_KERNELS, Kernels
-from megatron_longvila.benchmarks.peak_memory import peak_bytes_during
 from megatron_longvila.benchmarks.workload import GPTShape, Strategy
+from megatron_longvila.core.memory_tracking import TensorMemoryMeter
 
 
 @dataclass(frozen=True)
@@ -235,7 +235,9 @@ def _detailed_measurements(model, step, strategy: Strategy, device: torch.device
         foreign["ring"] = mcore.get_context_parallel_group()
     with comm_stats.counting(foreign) as sent, kernels.counting_flops() as flops:
         loss = step()
-    peak = peak_bytes_during(step, device)
+    with TensorMemoryMeter(device) as meter:
+        step()
+    peak = meter.peak
     per_rank_flops = [None] * strategy.world
     dist.all_gather_object(per_rank_flops, flops.forward)
     memory = torch.tensor([_static_bytes(model) + peak, peak], dtype=torch.float64, device=device)

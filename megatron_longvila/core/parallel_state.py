@@ -14,6 +14,7 @@ return the groups, and :func:`get_mmsp_groups` the bundle the attention function
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -166,6 +167,9 @@ def initialize_mmsp(topology: MMSPTopology, **mcore_kwargs: Any) -> MMSPGroups:
     if not dist.is_initialized():
         raise RuntimeError("initialize_mmsp needs torch.distributed to be initialized first")
     topology.validate(dist.get_world_size())
+    # megatron-core's destroy_model_parallel leaves the hierarchical groups of an earlier
+    # initialization in place; a later one without hierarchy would otherwise still see them.
+    mcore_parallel_state._HIERARCHICAL_CONTEXT_PARALLEL_GROUPS = None
     mcore_parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=topology.tp,
         pipeline_model_parallel_size=topology.pp,
@@ -191,11 +195,23 @@ def get_sp_group():
 
 
 def _levels() -> tuple[Any, Any]:
-    """(ulysses, ring) groups; a CP group built without hierarchy is a single ring."""
+    """(ulysses, ring) groups; a CP group built without hierarchy is a single ring.
+
+    Levels whose sizes do not multiply to the CP size are stale: megatron-core keeps the
+    hierarchical groups of an earlier initialization across ``destroy_model_parallel``, so a
+    plain ``initialize_model_parallel`` afterwards must not pick them up.
+    """
     _require_initialized()
+    sp = get_sp_group()
     levels = mcore_parallel_state.get_hierarchical_context_parallel_groups(check_initialized=False)
     if not levels:
-        return None, get_sp_group()
+        return None, sp
+    try:
+        sizes = [dist.get_world_size(group) for group in levels]
+    except (RuntimeError, ValueError):  # groups destroyed since
+        return None, sp
+    if math.prod(sizes) != dist.get_world_size(sp):
+        return None, sp
     return levels[0], levels[1]
 
 

@@ -378,7 +378,8 @@ class LongVILAConfig:
     """Vision tower + projector + LLM, and the ids of the ``<image>``/``<video>`` placeholders.
 
     Each frame becomes ``tokens_per_frame`` LLM tokens: ``ceil(grid/2)²`` after the projector's
-    2×2 merge (196 for SigLIP so400m at 384 px).
+    2×2 merge (196 for SigLIP so400m at 384 px). ``max_seq_length`` bounds a row of the batch
+    after its placeholders are expanded (None: ``llm.max_position_embeddings``).
     """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -386,6 +387,7 @@ class LongVILAConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     image_token_id: int = 151646
     video_token_id: int = 151647
+    max_seq_length: int | None = None
 
     def __post_init__(self) -> None:
         for name, cls in (("vision", VisionConfig), ("projector", ProjectorConfig)):
@@ -407,10 +409,17 @@ class LongVILAConfig:
             "video_token_id",
             "must differ from image_token_id",
         )
+        if self.max_seq_length is not None:
+            _positive(self, "max_seq_length")
 
     @property
     def tokens_per_frame(self) -> int:
         return ProjectorConfig.merged_grid_size(self.vision.grid_size) ** 2
+
+    @property
+    def seq_length_limit(self) -> int:
+        """The longest row (text + visual tokens) the model accepts."""
+        return self.max_seq_length or self.llm.max_position_embeddings
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

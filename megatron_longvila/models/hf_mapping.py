@@ -311,6 +311,12 @@ _VISION_LAYER_ONE_TO_ONE = (
 )
 
 
+def _vision_layer(cfg: VisionConfig, i: int) -> str:
+    """Our prefix of SigLIP layer ``i``: the layers that run, then the unused ones."""
+    run = cfg.num_layers_to_run
+    return f"encoder.layers.{i}" if i < run else f"unused_layers.layers.{i - run}"
+
+
 def _vision_one_to_one(cfg: VisionConfig) -> list[tuple[str, str, tuple[int, ...]]]:
     """(HF name, our name, shape) of every vision tensor that maps unchanged."""
     h, f, p = cfg.hidden_size, cfg.ffn_hidden_size, cfg.patch_size
@@ -324,9 +330,8 @@ def _vision_one_to_one(cfg: VisionConfig) -> list[tuple[str, str, tuple[int, ...
     ]
     for i in range(cfg.num_layers):
         for hf_name, our_name, shape in _VISION_LAYER_ONE_TO_ONE:
-            pairs.append(
-                (f"encoder.layers.{i}.{hf_name}", f"encoder.layers.{i}.{our_name}", shape(h, f))
-            )
+            ours = f"{_vision_layer(cfg, i)}.{our_name}"
+            pairs.append((f"encoder.layers.{i}.{hf_name}", ours, shape(h, f)))
     if cfg.pooling_head:
         pairs += [(f"head.{n}", f"head.{n}", shape(h, f)) for n, shape in _HEAD_SHAPES.items()]
     return pairs
@@ -345,7 +350,7 @@ def vision_state_from_hf(hf: Tensors, cfg: VisionConfig) -> dict[str, torch.Tens
         attn = f"encoder.layers.{i}.self_attn."
         for kind, shape in (("weight", (h, h)), ("bias", (h,))):
             q, k, v = (src.take(f"{attn}{part}_proj.{kind}", shape) for part in "qkv")
-            out[f"encoder.layers.{i}.self_attention.linear_qkv.{kind}"] = fuse_qkv(
+            out[f"{_vision_layer(cfg, i)}.self_attention.linear_qkv.{kind}"] = fuse_qkv(
                 q, k, v, cfg.num_heads
             )
     src.finish()
@@ -359,7 +364,7 @@ def vision_state_to_hf(ours: Tensors, cfg: VisionConfig) -> dict[str, torch.Tens
     out = {theirs: src.take(ours_, shape) for theirs, ours_, shape in _vision_one_to_one(cfg)}
     for i in range(cfg.num_layers):
         for kind, shape in (("weight", (3 * h, h)), ("bias", (3 * h,))):
-            fused = src.take(f"encoder.layers.{i}.self_attention.linear_qkv.{kind}", shape)
+            fused = src.take(f"{_vision_layer(cfg, i)}.self_attention.linear_qkv.{kind}", shape)
             q, k, v = split_qkv(fused, cfg.num_heads, cfg.num_heads, d)
             for part, t in zip("qkv", (q, k, v)):
                 out[f"encoder.layers.{i}.self_attn.{part}_proj.{kind}"] = t

@@ -11,6 +11,7 @@ attention and MLP are split by megatron's column/row-parallel linears.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -84,11 +85,14 @@ class VisionTower(MegatronModule):
     """The vision encoder. ``forward(pixels [n, C, H, W]) -> features [n, patches, hidden]``.
 
     Parameters: ``patch_embedding`` (Conv2d), ``position_embedding`` (Embedding),
-    ``encoder`` (a megatron TransformerBlock with all ``cfg.num_layers`` layers; its
-    ``final_layernorm`` is SigLIP's post-layernorm) and, with ``cfg.pooling_head``, ``head``.
-    Only the first ``cfg.num_layers_to_run`` layers run; the rest is frozen (see
-    :class:`VisionConfig`). ``transformer_overrides`` sets megatron run options; with
-    ``recompute_granularity="full"`` every layer is recomputed in the backward pass.
+    ``encoder`` (a megatron TransformerBlock with the ``cfg.num_layers_to_run`` layers that run;
+    its ``final_layernorm`` is SigLIP's post-layernorm), ``unused_layers`` (a block with the
+    layers after the selected one, or None) and, with ``cfg.pooling_head``, ``head``. What never
+    runs is frozen (see :class:`VisionConfig`). The unused layers are a block of their own so
+    that their checkpoint key differs from the trained layers': megatron stacks a block's layers
+    under one key, and optimizer state exists only for the trained ones.
+    ``transformer_overrides`` sets megatron run options; with ``recompute_granularity="full"``
+    every layer is recomputed in the backward pass.
     """
 
     def __init__(
@@ -114,13 +118,27 @@ class VisionTower(MegatronModule):
         self.position_embedding = torch.nn.Embedding(
             cfg.num_patches, cfg.hidden_size, dtype=params_dtype
         )
+        spec = transformer_layer_spec(attn_mask_type=AttnMaskType.no_mask)
+        run, tail = cfg.num_layers_to_run, cfg.num_layers - cfg.num_layers_to_run
         self.encoder = TransformerBlock(
-            config=config,
-            spec=transformer_layer_spec(attn_mask_type=AttnMaskType.no_mask),
+            config=dataclasses.replace(config, num_layers=run),
+            spec=spec,
             post_layer_norm=True,
             pre_process=True,
             post_process=True,
             pg_collection=pg_collection,
+        )
+        self.unused_layers = (
+            TransformerBlock(
+                config=dataclasses.replace(config, num_layers=tail),
+                spec=spec,
+                post_layer_norm=False,
+                pre_process=True,
+                post_process=True,
+                pg_collection=pg_collection,
+            )
+            if tail
+            else None
         )
         self.head = PoolingHeadWeights(cfg, params_dtype) if cfg.pooling_head else None
         for module in self.unused_modules():
@@ -128,8 +146,9 @@ class VisionTower(MegatronModule):
 
     def unused_modules(self) -> list[torch.nn.Module]:
         """Weights kept for lossless conversion that never run (see :class:`VisionConfig`)."""
-        unused = list(self.encoder.layers[self.cfg.num_layers_to_run :])
-        unused.append(self.encoder.final_layernorm)
+        unused: list[torch.nn.Module] = [self.encoder.final_layernorm]
+        if self.unused_layers is not None:
+            unused.append(self.unused_layers)
         if self.head is not None:
             unused.append(self.head)
         return unused
@@ -148,7 +167,7 @@ class VisionTower(MegatronModule):
         x = x + self.position_embedding.weight
         x = x.transpose(0, 1).contiguous()  # megatron layers take [s, b, h]
         recompute = self.config.recompute_granularity == "full"
-        for layer in self.encoder.layers[: cfg.num_layers_to_run]:
+        for layer in self.encoder.layers:
             if recompute and self.training:
                 # Keep only each layer's input; rerun the layer in the backward pass.
                 x = tensor_parallel.checkpoint(_layer_output(layer), False, x)

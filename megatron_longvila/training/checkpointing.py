@@ -103,6 +103,31 @@ def verify_checkpoint_metadata(directory: str | Path) -> None:
         _AllowListUnpickler(io.BufferedReader(handle)).load()
 
 
+def load_full_tensors(directory: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a dist checkpoint whose key starts with ``prefix``, as full CPU tensors.
+
+    Runs in one process without a process group (conversion, comparisons, inspection).
+    Per-layer tensors of a megatron layer stack come back stacked, ``[layers, ...]``.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    directory = Path(directory)
+    verify_checkpoint_metadata(directory)
+    reader = FileSystemReader(str(directory))
+    metadata = reader.read_metadata()
+    state = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if isinstance(meta, TensorStorageMetadata) and key.startswith(prefix)
+    }
+    if not state:
+        raise CheckpointError(f"{directory} holds no tensors under {prefix!r}")
+    dcp_load(state, storage_reader=reader, no_dist=True)
+    return state
+
+
 # ---- per-rank state ---------------------------------------------------------------------------
 
 

@@ -1,12 +1,12 @@
 """Every collective and p2p transfer of MM-SP, and an exact count of the bytes each one sends.
 
 All communication of the sequence-parallel code goes through the wrappers below
-(:func:`all_to_all`, :func:`all_gather`, :func:`all_reduce_sum`, :class:`RingExchange`), each tagged
-with the name of the group it runs on (``"ulysses"``, ``"ring"``, ``"sp"``). Inside
-:func:`counting` they add the bytes this rank *sends to other ranks* to a :class:`CommStats`;
-outside it they count nothing. Bytes a rank keeps for itself (its own chunk of an all-to-all) are
-not counted; an all-gather counts ``(n−1)`` copies of the local tensor, an all-reduce the
-``2(n−1)/n`` of a ring all-reduce.
+(:func:`all_to_all`, :func:`all_to_all_v`, :func:`all_gather`, :func:`all_reduce_sum`,
+:class:`RingExchange`), each tagged with the name of the group it runs on (``"ulysses"``,
+``"ring"``, ``"sp"``). Inside :func:`counting` they add the bytes this rank *sends to other
+ranks* to a :class:`CommStats`; outside it they count nothing. Bytes a rank keeps for itself (its
+own chunk of an all-to-all) are not counted; an all-gather counts ``(n−1)`` copies of the local
+tensor, an all-reduce the ``2(n−1)/n`` of a ring all-reduce.
 
 The analytic counts (per rank, bytes sent; ``e`` = bytes per element of q/k/v, ``e_g`` = bytes per
 element of the dK/dV accumulators travelling in the backward ring, ``e_s`` = bytes per segment id;
@@ -270,6 +270,35 @@ def all_to_all(x: torch.Tensor, group: dist.ProcessGroup, name: str) -> torch.Te
     with _own_transfer():
         dist.all_to_all_single(out, x, group=group)
     _record(name, "all_to_all", all_to_all_bytes(_nbytes(x), n))
+    return out
+
+
+def all_to_all_v(
+    x: torch.Tensor,
+    send_counts: list[int],
+    recv_counts: list[int],
+    group: dist.ProcessGroup,
+    name: str,
+) -> torch.Tensor:
+    """All-to-all of rows with per-rank counts: rows ``x[sum(send_counts[:j]) : ...]`` go to rank
+    ``j``; the result holds ``recv_counts[j]`` rows from each rank ``j``, in group-rank order.
+
+    x: [sum(send_counts), ...]; returns [sum(recv_counts), ...]. Counted: the rows sent to other
+    ranks (the rows a rank keeps for itself never travel).
+    """
+    n, rank = group_size(group), group_rank(group)
+    if len(send_counts) != n or len(recv_counts) != n or x.shape[0] != sum(send_counts):
+        raise ValueError(
+            f"all_to_all_v on '{name}' over {n} ranks: {len(send_counts)} send counts summing to "
+            f"{sum(send_counts)}, {len(recv_counts)} receive counts, {x.shape[0]} rows given"
+        )
+    x = x.contiguous()
+    out = x.new_empty((sum(recv_counts), *x.shape[1:]))
+    dist.all_to_all_single(
+        out, x, output_split_sizes=recv_counts, input_split_sizes=send_counts, group=group
+    )
+    row_bytes = _nbytes(x[:1]) if x.shape[0] else 0
+    _record(name, "all_to_all_v", (sum(send_counts) - send_counts[rank]) * row_bytes)
     return out
 
 

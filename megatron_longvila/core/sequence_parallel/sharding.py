@@ -47,16 +47,20 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, dim: int = 1, value: float =
     return torch.cat([x, x.new_full(shape, value)], dim=dim)
 
 
-def shard_token_indices(
-    seq_len: int, sp: int, rank: int, layout: str = "zigzag", device=None
-) -> torch.Tensor:
-    """Global positions, in local order, of the tokens rank ``rank`` holds: ``[seq_len / sp]``."""
+def _check_splittable(seq_len: int, sp: int, layout: str) -> None:
     multiple = sequence_multiple(sp, layout)
     if seq_len % multiple:
         raise ValueError(
             f"sequence length {seq_len} is not a multiple of {multiple} "
             f"({layout} layout over sp={sp}); pad it first (pad_to_multiple)"
         )
+
+
+def shard_token_indices(
+    seq_len: int, sp: int, rank: int, layout: str = "zigzag", device=None
+) -> torch.Tensor:
+    """Global positions, in local order, of the tokens rank ``rank`` holds: ``[seq_len / sp]``."""
+    _check_splittable(seq_len, sp, layout)
     if not 0 <= rank < sp:
         raise ValueError(f"rank {rank} is outside sp={sp}")
     if layout == "contiguous":
@@ -66,6 +70,30 @@ def shard_token_indices(
     first = torch.arange(rank * chunk, (rank + 1) * chunk, device=device)
     last_start = (2 * sp - 1 - rank) * chunk
     return torch.cat([first, torch.arange(last_start, last_start + chunk, device=device)])
+
+
+def locate_tokens(
+    positions: torch.Tensor, seq_len: int, sp: int, layout: str = "zigzag"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where global positions live after the split: the inverse of :func:`shard_token_indices`.
+
+    positions: [n] global positions in ``[0, seq_len)``.
+    Returns (rank [n], local index [n]): ``shard_token_indices(seq_len, sp, rank)[local] ==
+    position`` for each entry.
+    """
+    _check_splittable(seq_len, sp, layout)
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= seq_len):
+        raise ValueError(
+            f"positions {int(positions.min())}..{int(positions.max())} must lie in [0, {seq_len})"
+        )
+    if layout == "contiguous":
+        per_rank = seq_len // sp
+        return positions // per_rank, positions % per_rank
+    chunk = seq_len // (2 * sp)
+    index = positions // chunk
+    mirrored = index >= sp  # the second chunk of a rank: 2·sp−1−rank
+    rank = torch.where(mirrored, 2 * sp - 1 - index, index)
+    return rank, positions % chunk + mirrored.long() * chunk
 
 
 def split_sequence(

@@ -1,0 +1,258 @@
+"""The trainer's config: one YAML per stage (see ``examples/configs/``), overridable from the CLI.
+
+Sections: ``run`` (where, how long, how often to log and save), ``init`` (what the stage starts
+from), ``parallel`` (tp × ulysses × ring × pp; dp follows from the world size), ``model`` (an
+architecture preset, overrides, which modules are frozen), ``data`` (the data pipeline's
+:class:`~megatron_longvila.data.config.DataConfig`), ``optimizer`` (AdamW, warm-up + cosine,
+clipping). Everything is checked by :func:`load_train_config` before any process group starts:
+unknown keys, wrong types, sizes that do not divide, paths that do not exist.
+
+``data.image_size``, ``image_mean``, ``image_std`` and ``tokens_per_frame`` follow from the
+model and are filled in when the YAML leaves them out; a YAML value that disagrees is an error.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from megatron_longvila.data.config import DataConfig
+from megatron_longvila.models.config import ConfigError as ModelConfigError
+from megatron_longvila.models.config import LongVILAConfig
+from megatron_longvila.training.config_io import ConfigError, apply_overrides, from_dict
+
+MODULES = ("vision_tower", "mm_projector", "llm")
+
+#: The vision tower's input normalization (SigLIP: mean = std = 0.5 per channel).
+SIGLIP_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+@dataclass
+class RunConfig:
+    output_dir: str
+    train_steps: int
+    name: str = "longvila"
+    seed: int = 1234
+    #: Micro-batches accumulated per optimizer step (each one a MultimodalBatch of the loader).
+    micro_batches_per_step: int = 1
+    log_interval: int = 1
+    save_interval: int = 100
+    keep_last: int = 2
+    tensorboard: bool = True
+    wandb: bool = False
+    #: "auto": bf16 on GPUs, fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+
+    def __post_init__(self) -> None:
+        for name in ("train_steps", "micro_batches_per_step", "log_interval", "save_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {self.keep_last}")
+
+
+@dataclass
+class InitConfig:
+    """What a fresh run starts from (a run with its own checkpoints resumes from those)."""
+
+    #: Checkpoint root or iteration folder of the previous stage (model weights only).
+    checkpoint: str | None = None
+    #: A LongVILA Hugging Face folder (llm/, vision_tower/, mm_projector/, config.json).
+    hf: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.checkpoint and self.hf:
+            raise ValueError("give either checkpoint or hf, not both")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    ulysses: int = 1
+    ring: int = 1
+    pp: int = 1
+    use_distributed_optimizer: bool = False
+    #: Full activation recomputation of every transformer layer (MM-SP aims to need none).
+    recompute: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "ulysses", "ring", "pp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def sp(self) -> int:
+        return self.ulysses * self.ring
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tp * self.sp * self.pp
+
+
+@dataclass
+class ModelSection:
+    preset: str = "tiny"
+    #: Nested overrides of the preset, e.g. ``{llm: {rope_theta: 1.0e6}}``.
+    overrides: dict[str, Any] = field(default_factory=dict)
+    #: Modules whose parameters do not train: any of vision_tower, mm_projector, llm.
+    freeze: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.freeze) - set(MODULES))
+        if unknown:
+            raise ValueError(f"freeze names unknown module(s) {unknown}; modules: {list(MODULES)}")
+        if set(self.freeze) == set(MODULES):
+            raise ValueError("every module is frozen: nothing would train")
+
+    def build(self) -> LongVILAConfig:
+        """The architecture: the preset with ``overrides`` merged in."""
+        base = LongVILAConfig.preset(self.preset).to_dict()
+        return LongVILAConfig.from_dict(_merge(base, self.overrides))
+
+
+@dataclass
+class OptimizerSection:
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    warmup_steps: int = 0
+    clip_grad: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(
+                f"need 0 <= min_lr <= lr and lr > 0, got lr={self.lr}, min_lr={self.min_lr}"
+            )
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig
+    data: DataConfig
+    init: InitConfig = field(default_factory=InitConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+
+    def architecture(self) -> LongVILAConfig:
+        return self.model.build()
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.run.output_dir) / "checkpoints"
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _derived_data_fields(arch: LongVILAConfig) -> dict[str, Any]:
+    mean, std = SIGLIP_MEAN_STD
+    return {
+        "image_size": arch.vision.image_size,
+        "image_mean": list(mean),
+        "image_std": list(std),
+        "tokens_per_frame": arch.tokens_per_frame,
+    }
+
+
+def load_train_config(
+    path: str | Path | None, overrides: list[str] = (), world_size: int | None = None
+) -> TrainConfig:
+    """Read, override, fill in and check a training config (see module docstring).
+
+    ``world_size`` (default: ``WORLD_SIZE`` from the launcher, if set) is checked against the
+    parallel sizes here, before any process group exists.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    apply_overrides(tree, list(overrides))
+
+    model = from_dict(ModelSection, tree.get("model") or {}, "model")
+    try:
+        arch = model.build()
+    except ModelConfigError as exc:
+        raise ConfigError(f"model: {exc}") from None
+    data = tree.setdefault("data", {})
+    if not isinstance(data, dict):
+        raise ConfigError("data must be a mapping")
+    for key, value in _derived_data_fields(arch).items():
+        if key not in data:
+            data[key] = value
+        elif _as_list(data[key]) != _as_list(value):
+            raise ConfigError(
+                f"data.{key} = {data[key]!r} disagrees with the model ({value!r}); leave it out "
+                "to take the model's value"
+            )
+
+    config = from_dict(TrainConfig, tree)
+    check_paths(config)
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", "0")) or None
+    if world_size is not None:
+        check_world(config, arch, world_size)
+    return config
+
+
+def _as_list(value: Any) -> Any:
+    return [float(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def check_paths(config: TrainConfig) -> None:
+    for name in ("dataset_path", "tokenizer_path"):
+        value = getattr(config.data, name)
+        if not Path(value).exists():
+            raise ConfigError(f"data.{name}: {value} does not exist")
+    for name in ("checkpoint", "hf"):
+        value = getattr(config.init, name)
+        if value and not Path(value).exists():
+            raise ConfigError(f"init.{name}: {value} does not exist")
+
+
+def check_world(config: TrainConfig, arch: LongVILAConfig, world_size: int) -> None:
+    """Sizes that must divide: world by tp×sp×pp, heads by tp×ulysses, layers by pp."""
+    p = config.parallel
+    if world_size % p.model_parallel_size:
+        raise ConfigError(
+            f"parallel: world size {world_size} is not divisible by tp×ulysses×ring×pp = "
+            f"{p.tp}×{p.ulysses}×{p.ring}×{p.pp} = {p.model_parallel_size}"
+        )
+    heads = arch.llm.num_heads
+    if heads % (p.tp * p.ulysses):
+        raise ConfigError(
+            f"parallel: the LLM's {heads} attention heads are not divisible by "
+            f"tp×ulysses = {p.tp}×{p.ulysses}"
+        )
+    if arch.vision.num_heads % p.tp:
+        raise ConfigError(
+            f"parallel.tp = {p.tp} does not divide the vision tower's {arch.vision.num_heads} heads"
+        )
+    if arch.llm.num_layers % p.pp:
+        raise ConfigError(
+            f"parallel.pp = {p.pp} does not divide the LLM's {arch.llm.num_layers} layers"
+        )
+    if config.data.max_seq_length < 2 * p.sp:
+        raise ConfigError(
+            f"data.max_seq_length = {config.data.max_seq_length} is shorter than 2×sp = {2 * p.sp}"
+        )

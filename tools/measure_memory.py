@@ -1,0 +1,232 @@
+"""Activation memory per rank of the LongVILA model under MM-SP, for several sp degrees.
+
+One micro-batch of a fixed global length (one row of exactly ``--seq`` tokens after expansion: a
+sample with a long video and an image, or with ``--packed`` a video sample packed with an image
+sample) runs forward + backward through
+:class:`LongVILAModel` (tiny preset unless ``--preset``) at each sp degree; every rank measures
+the bytes of tensors allocated during its step beyond the model and its inputs
+(:class:`TensorMemoryMeter`: CUDA's allocator statistics on GPUs, a dispatch-level tracker of
+tensor storages on CPU):
+
+* ``saved``: bytes still held when the forward pass ends (activations kept for backward);
+* ``peak``: the most bytes held at once during forward + backward (gradients of the parameters
+  included, a small part for the tiny model).
+
+With the sequence split over ``sp`` ranks (frames by stage 1, tokens by stage 2), both should
+fall close to ``1/sp``. Packed rows need segment masks, which the attention kernels take as
+explicit ``[s, s]`` masks on their math path: quadratic in the tokens per block, so with
+``--packed`` the peak is dominated by attention scores. Writes ``measure_memory.json`` and
+``measure_memory.md``::
+
+    python tools/measure_memory.py --world 4 --sp 1 2 4 --seq 8192 --out runs/measure_memory
+    torchrun --nproc-per-node 4 tools/measure_memory.py --sp 1 2 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Settings:
+    sp_degrees: tuple[int, ...] = (1, 2, 4)
+    seq: int = 8192
+    video_frames: int = 1024
+    preset: str = "tiny"
+    packed: bool = False
+    seed: int = 0
+
+
+def split_of(sp: int) -> tuple[int, int]:
+    """(ulysses, ring) used for an sp degree: Ulysses up to 2, ring for the rest."""
+    ulysses = 2 if sp % 2 == 0 else 1
+    return ulysses, sp // ulysses
+
+
+def fixed_length_batch(settings: Settings, cfg):
+    """One row of exactly ``settings.seq`` expanded tokens holding a ``video_frames``-frame video
+    and an image, in one sample (or two packed samples with ``settings.packed``); text fills the
+    rest, the second half of each sample answered."""
+    from megatron_longvila.data.batch import IGNORE_INDEX, MultimodalSample
+    from megatron_longvila.data.packing import collate_rows
+
+    gen = torch.Generator().manual_seed(settings.seed)
+    visual = (settings.video_frames + 1) * cfg.tokens_per_frame
+    text = settings.seq - visual + 2  # the two placeholders become visual tokens
+    if text < 8:
+        raise SystemExit(
+            f"--seq {settings.seq} leaves no room for text beside {settings.video_frames} + 1 "
+            f"frames × {cfg.tokens_per_frame} tokens"
+        )
+    size, channels = cfg.vision.image_size, cfg.vision.num_channels
+    media = [
+        torch.randn(settings.video_frames, channels, size, size, generator=gen),
+        torch.randn(1, channels, size, size, generator=gen),
+    ]
+    placeholders = [cfg.video_token_id, cfg.image_token_id]
+    groups = [[0], [1]] if settings.packed else [[0, 1]]
+    lengths = [text // len(groups)] * len(groups)
+    lengths[-1] += text % len(groups)
+    samples = []
+    for number, (items, length) in enumerate(zip(groups, lengths)):
+        ids = torch.randint(0, min(placeholders), (length,), generator=gen)
+        for k, item in enumerate(items):
+            ids[1 + k] = placeholders[item]
+        labels = torch.full((length,), IGNORE_INDEX)
+        labels[length // 2 :] = ids[length // 2 :]
+        kinds = ["video" if item == 0 else "image" for item in items]
+        samples.append(
+            MultimodalSample(f"s{number}", ids, labels, [media[i] for i in items], kinds)
+        )
+    return collate_rows([samples], pad_id=0)
+
+
+def measure(settings: Settings, ulysses: int, ring: int) -> dict[str, Any]:
+    """On every rank: saved and peak bytes of one forward + backward; rank 0 returns the row."""
+    from megatron.core import parallel_state as mcore
+
+    from megatron_longvila.core import platform
+    from megatron_longvila.core.memory_tracking import TensorMemoryMeter
+    from megatron_longvila.core.parallel_state import MMSPTopology, initialize_mmsp
+    from megatron_longvila.models.config import LongVILAConfig
+    from megatron_longvila.models.longvila_step import build_longvila_model
+
+    groups = initialize_mmsp(MMSPTopology(ulysses=ulysses, ring=ring))
+    try:
+        cfg = LongVILAConfig.preset(settings.preset, max_seq_length=settings.seq)
+        (model,) = build_longvila_model(cfg, seed=settings.seed)
+        batch = fixed_length_batch(settings, cfg)
+        inputs = model.prepare_inputs(batch).to(platform.local_device())
+        valid = torch.tensor([float((inputs.labels >= 0).sum())])
+        if groups.sp_size > 1:
+            dist.all_reduce(valid, group=groups.sp)
+        with TensorMemoryMeter(platform.local_device()) as meter:
+            losses = model(inputs)
+            saved = meter.current
+            (losses.sum() / valid).backward()
+        frames = inputs.frames
+        frame_bytes = 0 if frames is None else frames.numel() * frames.element_size()
+        row = torch.tensor([saved, meter.peak, frame_bytes], dtype=torch.float64)
+        rows = [torch.zeros_like(row) for _ in range(dist.get_world_size())]
+        dist.all_gather(rows, row)
+        per_rank = torch.stack(rows)
+        return {
+            "sp": ulysses * ring,
+            "ulysses": ulysses,
+            "ring": ring,
+            "seq": inputs.seq_length,
+            "tokens_per_rank": inputs.input_ids.numel(),
+            "saved_bytes_max": int(per_rank[:, 0].max()),
+            "saved_bytes_min": int(per_rank[:, 0].min()),
+            "peak_bytes_max": int(per_rank[:, 1].max()),
+            "peak_bytes_min": int(per_rank[:, 1].min()),
+            "frame_bytes_max": int(per_rank[:, 2].max()),
+        }
+    finally:
+        mcore.destroy_model_parallel()
+
+
+def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row's saved/peak bytes as a fraction of the sp = 1 row's (when measured)."""
+    base = next((r for r in rows if r["sp"] == 1), None)
+    for r in rows:
+        for kind in ("saved", "peak"):
+            r[f"{kind}_ratio"] = (
+                r[f"{kind}_bytes_max"] / base[f"{kind}_bytes_max"] if base else None
+            )
+    return rows
+
+
+def markdown_table(rows: list[dict[str, Any]], settings: Settings, device: str) -> str:
+    def ratio(value: float | None) -> str:
+        return "–" if value is None else f"{value:.3f}"
+
+    lines = [
+        f"LongVILA `{settings.preset}`, one row of {settings.seq} tokens ({settings.video_frames}"
+        f"-frame video + image + text, {'two packed samples' if settings.packed else 'one sample'}"
+        f"), forward + backward; {device}. Bytes per rank (largest rank); ratio = vs sp = 1.",
+        "",
+        "| sp | ulysses×ring | tokens / rank | saved MB | saved ratio | peak MB | peak ratio | "
+        "1/sp |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['sp']} | {r['ulysses']}×{r['ring']} | {r['tokens_per_rank']} "
+            f"| {r['saved_bytes_max'] / 2**20:.2f} | {ratio(r['saved_ratio'])} "
+            f"| {r['peak_bytes_max'] / 2**20:.2f} | {ratio(r['peak_ratio'])} | {1 / r['sp']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def run_all(settings: Settings, run_on_ranks) -> list[dict[str, Any]]:
+    return with_ratios(
+        [run_on_ranks(measure, settings, *split_of(sp))[0] for sp in settings.sp_degrees]
+    )
+
+
+def _parse() -> tuple[Settings, int, Path]:
+    defaults = Settings()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sp", type=int, nargs="+", default=list(defaults.sp_degrees))
+    p.add_argument("--seq", type=int, default=defaults.seq)
+    p.add_argument("--video-frames", type=int, default=defaults.video_frames)
+    p.add_argument("--preset", default=defaults.preset)
+    p.add_argument("--packed", action="store_true", help="two packed samples in the row")
+    p.add_argument("--world", type=int, default=4, help="ranks to start without torchrun")
+    p.add_argument("--out", type=Path, default=Path("runs/measure_memory"))
+    a = p.parse_args()
+    settings = Settings(
+        sp_degrees=tuple(a.sp),
+        seq=a.seq,
+        video_frames=a.video_frames,
+        preset=a.preset,
+        packed=a.packed,
+    )
+    return settings, a.world, a.out
+
+
+def _write(rows, settings: Settings, world: int, out: Path) -> None:
+    backend = "CUDA/NCCL" if torch.cuda.is_available() else "CPU/gloo"
+    device = f"{world} ranks, {backend}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "measure_memory.json").write_text(
+        json.dumps({"settings": asdict(settings), "device": device, "rows": rows}, indent=2)
+    )
+    table = markdown_table(rows, settings, device)
+    (out / "measure_memory.md").write_text(table)
+    print(table)
+
+
+def main() -> None:
+    settings, world, out = _parse()
+    if "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank
+        from megatron_longvila.core import platform
+
+        platform.adapt_megatron_for_cpu()
+        platform.init_distributed()
+        rows = run_all(settings, lambda fn, *args: [fn(*args)])
+        if dist.get_rank() == 0:
+            _write(rows, settings, dist.get_world_size(), out)
+        dist.destroy_process_group()
+        return
+    from megatron_longvila.testing import RankPool
+
+    for sp in settings.sp_degrees:
+        if world % sp:
+            raise SystemExit(f"--world {world} is not a multiple of sp {sp}")
+    with RankPool(world) as pool:
+        rows = run_all(settings, pool.run)
+    _write(rows, settings, world, out)
+
+
+if __name__ == "__main__":
+    main()
