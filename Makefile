@@ -22,7 +22,7 @@ endif
 install: $(VENV)/.installed
 
 demo: install
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) examples/demo.py
+	$(PY) examples/demo.py --nproc $(NPROC)
 
 test: install
 	$(PY) -m pytest -q tests

@@ -47,6 +47,9 @@ setup(
         "test": ["pytest>=8", "ruff"],
     },
     entry_points={
-        "console_scripts": [],
+        "console_scripts": [
+            "longvila-train=megatron_longvila.training.trainer:main",
+            "longvila-launch=megatron_longvila.training.launcher:main",
+        ],
     },
 )

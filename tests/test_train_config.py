@@ -51,6 +51,11 @@ def test_model_fields_fill_the_data_section(stage_yaml):
         ),
         (["init.checkpoint=/no/ckpt"], 4, r"init\.checkpoint: /no/ckpt does not exist"),
         (["data.max_seq_length=6"], 4, r"shorter than 2×sp = 8"),
+        (
+            ["optimizer.warmup_steps=4"],
+            4,
+            r"warmup_steps = 4 must be smaller than run\.train_steps = 4",
+        ),
     ],
 )
 def test_bad_configs_name_the_field(stage_yaml, overrides, world, message):

@@ -251,3 +251,33 @@ def make_synthetic_shards(out_dir: str | Path, max_shard_bytes: int = 1 << 20, *
     return write_webdataset(
         jsonl, out_dir / "shards", media_root=out_dir / "raw", max_shard_bytes=max_shard_bytes
     )
+
+
+def make_passkey_text_dataset(
+    out_dir: str | Path, num_samples: int = 16, filler_lines: int = 40, seed: int = 0
+) -> Path:
+    """Text-only long-context samples (for context extension): a pass key hidden at a random
+    depth of filler text, then the question. Writes ``out_dir/samples.jsonl`` and returns it."""
+    from megatron_longvila.data.tokenizer import tiny_corpus
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    filler = tiny_corpus(lines=filler_lines * 4, seed=seed)
+    records = []
+    for i in range(num_samples):
+        key = str(rng.randint(1000, 9999))
+        lines = rng.sample(filler, filler_lines)
+        lines.insert(rng.randrange(filler_lines + 1), f"The pass key is {key}. Remember it.")
+        records.append(
+            {
+                "id": f"passkey_{i:05d}",
+                "conversations": [
+                    {"from": "human", "value": " ".join(lines) + "\nWhat is the pass key?"},
+                    {"from": "gpt", "value": key},
+                ],
+            }
+        )
+    jsonl = out_dir / "samples.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return jsonl

@@ -20,7 +20,7 @@ micro-batches and all dp × sp ranks. The gradient is thus that of
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -45,6 +45,7 @@ def build_longvila_model(
     params_dtype: torch.dtype = torch.float32,
     transformer_overrides: dict[str, Any] | None = None,
     seed: int = 1234,
+    frozen: Sequence[str] = (),
 ) -> list[torch.nn.Module]:
     """This rank's model chunks (one: virtual pipeline stages are not used), on its device.
 
@@ -55,7 +56,9 @@ def build_longvila_model(
     chunk is megatron's ``DistributedDataParallel`` (gradients in ``param.main_grad``, finished
     by the schedules through ``finalize_model_grads``; ``average_in_collective`` must stay off,
     as megatron requires with per-token losses); without, a bare :class:`LongVILAModel` (e.g.
-    for evaluation with ``forward_only=True``).
+    for evaluation with ``forward_only=True``). ``frozen`` names submodules (``vision_tower``,
+    ``mm_projector``, ``llm``) whose parameters do not train; they are marked before DDP builds
+    its gradient buffers, so no buffer or optimizer state is made for them.
     """
     platform.seed_everything(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -67,6 +70,10 @@ def build_longvila_model(
         transformer_overrides=transformer_overrides,
     )
     model.to(platform.local_device())
+    for name in frozen:
+        module = getattr(model, name, None)  # absent on later pipeline stages
+        if module is not None:
+            module.requires_grad_(False)
     if ddp_config is None:
         return [model]
     # The schedules then finish gradients as megatron does: DDP reduction, token-count scaling.

@@ -144,6 +144,13 @@ class TrainConfig:
     model: ModelSection = field(default_factory=ModelSection)
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
 
+    def __post_init__(self) -> None:
+        if self.optimizer.warmup_steps >= self.run.train_steps:
+            raise ValueError(
+                f"optimizer.warmup_steps = {self.optimizer.warmup_steps} must be smaller than "
+                f"run.train_steps = {self.run.train_steps}"
+            )
+
     def architecture(self) -> LongVILAConfig:
         return self.model.build()
 
