@@ -19,6 +19,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_longvila", "megatron_longvila.*"]),
     include_package_data=True,
+    package_data={"megatron_longvila.data.long_video_sft": ["templates/*.txt"]},
     install_requires=[
         # A range: GPU users bring their own CUDA build of torch; CPU installs pin the local wheel
         # first (see the Makefile) so that nothing here pulls a CUDA build.
