@@ -195,6 +195,8 @@ def test_templates_are_overridable_and_checked(tmp_path):
 def test_captioner_specs():
     with pytest.raises(NotImplementedError, match=r"megatron_longvila\.inference"):
         load_captioner("longvila:/checkpoints/run1")
+    with pytest.raises(NotImplementedError, match=r"megatron_longvila\.inference"):
+        BuildConfig(captioner="longvila:/checkpoints/run1")  # refused before any worker starts
     with pytest.raises(ValueError, match="hf:FOLDER"):
         load_captioner("/models/some-vlm")
 
@@ -400,6 +402,7 @@ def test_unparsable_qa_falls_back_to_the_summary(tmp_path):
 def test_workers_that_cannot_load_the_models_stop_the_build(tmp_path):
     _scene_video(tmp_path / "videos" / "v.mp4", ())
     config = build_config(workers=1)
-    config.text_model = str(tmp_path / "no-such-model")
+    config.text_model = str(tmp_path / "empty-model-folder")
+    (tmp_path / "empty-model-folder").mkdir()
     with pytest.raises(RuntimeError, match="could not load the models"):
         build_long_video_sft(tmp_path / "videos", tmp_path / "out", tmp_path / "work", config)

@@ -39,7 +39,7 @@ from megatron_longvila.data.long_video_sft.annotate import (
     AnnotationError,
     VideoAnnotator,
 )
-from megatron_longvila.data.long_video_sft.captioners import load_captioner
+from megatron_longvila.data.long_video_sft.captioners import load_captioner, parse_captioner_spec
 from megatron_longvila.data.long_video_sft.prompts import PromptTemplates, load_templates
 from megatron_longvila.data.long_video_sft.result_cache import (
     ResultCache,
@@ -79,6 +79,8 @@ class BuildConfig:
     def __post_init__(self) -> None:
         if isinstance(self.annotation, dict):
             self.annotation = AnnotationConfig(**self.annotation)
+        if self.captioner is not None:
+            parse_captioner_spec(self.captioner)  # fail here, not in every worker
         if self.workers < 0 or self.threads_per_worker < 1:
             raise ValueError(
                 f"need workers >= 0 and threads_per_worker >= 1, got workers={self.workers}, "

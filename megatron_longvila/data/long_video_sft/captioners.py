@@ -59,7 +59,8 @@ class HFVisionCaptioner:
         text = self.processor.apply_chat_template(
             [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
         )
-        inputs = self.processor(text=text, images=images, return_tensors="pt").to(self.device)
+        inputs = self.processor(text=text, images=images, return_tensors="pt")
+        inputs = inputs.to(device=self.device, dtype=self.model.dtype)  # casts only pixel floats
         with torch.inference_mode():
             out = self.model.generate(**inputs, max_new_tokens=max_new_tokens)
         new_tokens = out[0, inputs["input_ids"].shape[1] :]
@@ -69,8 +70,8 @@ class HFVisionCaptioner:
 CAPTIONER_KINDS = ("hf", "longvila")
 
 
-def load_captioner(spec: str, device: str = "cpu", dtype: str | None = None) -> Captioner:
-    """The captioner named by ``spec``: "hf:FOLDER" or "longvila:CHECKPOINT".
+def parse_captioner_spec(spec: str) -> tuple[str, str]:
+    """(kind, target) of "hf:FOLDER" or "longvila:CHECKPOINT"; raises for anything else.
 
     "longvila" is meant to caption with our own model through the MM-SP generation API of
     ``megatron_longvila.inference`` (checkpoint -> model, then one generation per clip with the
@@ -86,4 +87,10 @@ def load_captioner(spec: str, device: str = "cpu", dtype: str | None = None) -> 
             "generation API of megatron_longvila.inference, which this version does not have; "
             "use a Hugging Face vision-language folder ('hf:FOLDER')"
         )
+    return kind, target
+
+
+def load_captioner(spec: str, device: str = "cpu", dtype: str | None = None) -> Captioner:
+    """The captioner named by ``spec`` (see :func:`parse_captioner_spec`)."""
+    _, target = parse_captioner_spec(spec)
     return HFVisionCaptioner(target, device=device, dtype=dtype)
