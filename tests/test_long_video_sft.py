@@ -17,7 +17,10 @@ import dataclasses
 import functools
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -199,6 +202,30 @@ def test_captioner_specs():
         BuildConfig(captioner="longvila:/checkpoints/run1")  # refused before any worker starts
     with pytest.raises(ValueError, match="hf:FOLDER"):
         load_captioner("/models/some-vlm")
+
+
+def test_wheel_ships_the_prompt_templates(tmp_path):
+    # Reference: the template files in the source tree; the wheel is built from a copy of it.
+    repo = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"
+    shutil.copytree(
+        repo / "megatron_longvila",
+        source / "megatron_longvila",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(repo / name, source / name)
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    subprocess.run(
+        [*pip_wheel, "-w", str(tmp_path / "dist"), str(source)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    templates = repo / "megatron_longvila" / "data" / "long_video_sft" / "templates"
+    shipped = {p.relative_to(repo).as_posix() for p in templates.glob("*.txt")}
+    assert len(shipped) == 3
+    assert shipped <= set(zipfile.ZipFile(wheel).namelist())
 
 
 # ---- the whole build ------------------------------------------------------------------------
