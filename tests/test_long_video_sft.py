@@ -215,9 +215,11 @@ def test_wheel_ships_the_prompt_templates(tmp_path):
     )
     for name in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy(repo / name, source / name)
-    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    # The PEP 517 build backend pip would call, without pip's own start-up.
+    build_wheel = "import sys, setuptools.build_meta as b; b.build_wheel(sys.argv[1])"
     subprocess.run(
-        [*pip_wheel, "-w", str(tmp_path / "dist"), str(source)],
+        [sys.executable, "-c", build_wheel, str(tmp_path / "dist")],
+        cwd=source,
         check=True,
         capture_output=True,
     )
