@@ -8,14 +8,18 @@ must be reported); for resume, the number of model calls a restarted build makes
 finished videos, exactly one caption per clip plus two text calls for a new one). The tiny
 models have random weights, so captions are gibberish; the text model of the main build answers
 a fixed text through its own generation config (``tiny_generators``), so the QA path runs on a
-real ``generate`` and its parse is checked; a babbling text model checks the fallback.
+real ``generate`` and its parse is checked; a babbling text model checks the fallback. A plug-in
+captioner ("py:" spec, loaded in the worker processes) that kills its process checks that the
+videos in flight are reported and the build goes on.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -25,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from data_fixtures import data_config, scratch_dir, tiny_tokenizer_dir
 from tiny_generators import save_tiny_text_model, save_tiny_vlm
 
@@ -109,10 +114,12 @@ def test_detect_cuts_needs_a_jump_over_local_motion():
     assert detect_cuts(diffs, threshold=0.1, adaptive_ratio=0.0) == [6, 10, 12, 14, 16]
 
 
-def _scene_video(path: Path, scene_starts: tuple[int, ...], texture: int = 0) -> Path:
+def _scene_video(
+    path: Path, scene_starts: tuple[int, ...], texture: int = 0, width: int = 64
+) -> Path:
     spec = SyntheticVideoSpec(
         num_frames=FRAMES,
-        width=64,
+        width=width,
         height=48,
         fps=FPS,
         seed=len(scene_starts) + texture,
@@ -202,6 +209,13 @@ def test_captioner_specs():
         BuildConfig(captioner="longvila:/checkpoints/run1")  # refused before any worker starts
     with pytest.raises(ValueError, match="hf:FOLDER"):
         load_captioner("/models/some-vlm")
+    with pytest.raises(ValueError, match="py:MODULE:FACTORY"):
+        BuildConfig(captioner="py:brightness_captioner")
+    with pytest.raises(TypeError, match="no caption"):
+        load_captioner(f"py:{__name__}:not_a_captioner")
+    captioner = load_captioner(f"py:{__name__}:brightness_captioner")
+    frames = [torch.full((3, 4, 6), 10, dtype=torch.uint8), torch.zeros(3, 4, 6, dtype=torch.uint8)]
+    assert captioner.caption(frames, "prompt", 8) == "a clip of mean brightness 5"
 
 
 def test_wheel_ships_the_prompt_templates(tmp_path):
@@ -281,6 +295,27 @@ class Counting:
         out = self.inner.generate(prompt, max_new_tokens)
         self.calls.append((prompt, out))
         return out
+
+
+CRASH_WIDTH = 32
+
+
+class BrightnessCaptioner:
+    """A plug-in captioner: names the clip's mean brightness, and kills its own process (as the
+    out-of-memory killer would) when the frames are ``CRASH_WIDTH`` pixels wide."""
+
+    def caption(self, frames, prompt, max_new_tokens):
+        if frames[0].shape[-1] == CRASH_WIDTH:
+            os._exit(9)
+        return f"a clip of mean brightness {torch.stack(frames).float().mean():.0f}"
+
+
+def brightness_captioner(device, dtype):
+    return BrightnessCaptioner()
+
+
+def not_a_captioner(device, dtype):
+    return object()
 
 
 def counting_annotator(text_model: str = "qa_lm") -> VideoAnnotator:
@@ -435,3 +470,56 @@ def test_workers_that_cannot_load_the_models_stop_the_build(tmp_path):
     (tmp_path / "empty-model-folder").mkdir()
     with pytest.raises(RuntimeError, match="could not load the models"):
         build_long_video_sft(tmp_path / "videos", tmp_path / "out", tmp_path / "work", config)
+
+
+def test_a_dying_worker_fails_its_videos_and_the_build_goes_on(tmp_path):
+    videos = tmp_path / "videos"
+    _scene_video(videos / "crash.mp4", (30,), width=CRASH_WIDTH)
+    for name in ("ok1.mp4", "ok2.mp4"):
+        _scene_video(videos / name, (30,))
+    config = dataclasses.replace(
+        build_config(workers=1), captioner=f"py:{__name__}:brightness_captioner"
+    )
+    report = build_long_video_sft(videos, tmp_path / "out", tmp_path / "work", config)
+    # The one worker holds two videos; crash.mp4 kills it with ok1.mp4 queued behind. Both are
+    # reported, and a new worker annotates ok2.mp4.
+    died = "a worker process died with it"
+    assert [(f.video, f.reason) for f in report.failed] == [("crash.mp4", died), ("ok1.mp4", died)]
+    assert report.annotated == ["ok2.mp4"]
+    (sample,) = _shard_samples(tmp_path / "out").values()
+    assert sample["source"] == "ok2.mp4"
+    assert all(c["caption"].startswith("a clip of mean brightness") for c in sample["clips"])
+    assert json.loads((tmp_path / "work" / "report.json").read_text())["failed"][1] == {
+        "video": "ok1.mp4",
+        "reason": died,
+    }
+
+
+def test_command_line_builds_with_a_plugin_captioner(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "build_long_video_sft",
+        Path(__file__).resolve().parents[1] / "tools/build_long_video_sft.py",
+    )
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    _scene_video(tmp_path / "videos" / "v.mp4", (20, 44))
+    argv = [str(tmp_path / "videos"), str(tmp_path / "out"), "--workers", "0", "--no-progress"]
+    argv += ["--captioner", f"py:{__name__}:brightness_captioner"]
+    argv += ["--text-model", str(models()["qa_lm"]), "--num-questions", "1"]
+    argv += ["--min-clip-s", "1", "--analysis-fps", "4", "--frames-per-clip", "2"]
+    argv += ["--summary-tokens", "40", "--qa-tokens", "40"]
+    assert tool.main(argv) == 0
+    assert (
+        "1 videos: 1 annotated, 0 finished before, 0 failed; 1 samples" in capsys.readouterr().out
+    )
+    (sample,) = _shard_samples(tmp_path / "out").values()
+    assert [(c["start_frame"], c["end_frame"]) for c in sample["clips"]] == [
+        (0, 20),
+        (20, 44),
+        (44, 64),
+    ]
+    assert sample["conversations"] == [  # --num-questions 1 keeps the first of the two pairs
+        {"from": "human", "value": "<video>\nHow many scenes are there?"},
+        {"from": "gpt", "value": "Three."},
+    ]
+    assert (tmp_path / "out.work" / "report.json").is_file()

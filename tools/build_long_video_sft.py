@@ -27,7 +27,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("out_dir", help="output folder for the shards")
     p.add_argument("--work-dir", default=None, help="results and report (default: OUT_DIR.work)")
     p.add_argument("--videos", default=None, help="text file listing videos, one path a line")
-    p.add_argument("--captioner", required=True, help="hf:FOLDER or longvila:CHECKPOINT")
+    p.add_argument(
+        "--captioner",
+        required=True,
+        help="hf:FOLDER (Hugging Face vision-language model) or py:MODULE:FACTORY (plug-in)",
+    )
     p.add_argument("--text-model", required=True, help="Hugging Face causal LM folder")
     p.add_argument("--templates", default=None, help="folder with caption/summary/qa.txt")
     p.add_argument("--workers", type=int, default=1, help="processes (0: in this process)")

@@ -6,7 +6,7 @@ build            BuildConfig, build_long_video_sft (tools/build_long_video_sft.p
 annotate         one video -> clips, captions, summary, QA (AnnotationConfig, VideoAnnotator)
 clips            clip boundaries: scene cuts with min/max length, fixed-length fallback
 scenes           scene cuts by grayscale frame difference
-captioners       Captioner protocol; Hugging Face vision-language folders
+captioners       Captioner protocol; Hugging Face vision-language folders; plug-ins
 text_generators  TextGenerator protocol; Hugging Face causal LM folders
 prompts          the editable prompt templates (templates/*.txt)
 qa_format        captions listed for prompts; parsing of "Q: ... / A: ..." output

@@ -59,7 +59,8 @@ SAMPLE_METADATA = ("clips", "summary", "clip_method", "qa_error", "fps", "num_fr
 
 @dataclass
 class BuildConfig:
-    #: "hf:FOLDER" (a Hugging Face vision-language model) or "longvila:CHECKPOINT".
+    #: "hf:FOLDER" (a Hugging Face vision-language model), "py:MODULE:FACTORY" (a plug-in) or
+    #: "longvila:CHECKPOINT" (see ``captioners``).
     captioner: str | None = None
     #: Hugging Face causal LM folder for the summary and the QA pairs.
     text_model: str | None = None

@@ -1,23 +1,30 @@
 """Clip captioners: frames of one clip + a prompt -> caption text.
 
-Any object with a ``caption`` method of the :class:`Captioner` signature works. Shipped:
+Any object with a ``caption`` method of the :class:`Captioner` signature works. A build names
+its captioner by a spec string (:func:`load_captioner`), loaded once in every worker process:
 
-* :class:`HFVisionCaptioner` ("hf:FOLDER"): a local Hugging Face vision-language model folder
+* "hf:FOLDER", :class:`HFVisionCaptioner`: a local Hugging Face vision-language model folder
   that ``AutoProcessor`` and ``AutoModelForImageTextToText`` load (LLaVA, Qwen2-VL, Idefics, ...).
   The clip's frames go in as images of one user message, followed by the prompt, rendered with
   the processor's chat template; greedy or sampled decoding follows the folder's
   ``generation_config.json``.
-* "longvila:CHECKPOINT", our own LongVILA model: see :func:`load_captioner`.
+* "py:MODULE:FACTORY", a plug-in: ``MODULE.FACTORY(device=..., dtype=...)`` is called and must
+  return a :class:`Captioner` (``MODULE`` importable in the worker processes).
+* "longvila:CHECKPOINT", our own LongVILA model: reserved, see :func:`parse_captioner_spec`.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Protocol
 
 import torch
 
 
 class Captioner(Protocol):
+    """What a captioner implements. A "py:MODULE:FACTORY" plug-in's factory is called as
+    ``FACTORY(device=str, dtype=str | None)`` once per worker process and returns one."""
+
     def caption(self, frames: list[torch.Tensor], prompt: str, max_new_tokens: int) -> str:
         """Caption of a clip. frames: uint8 [3, H, W] each, in time order."""
         ...
@@ -67,30 +74,46 @@ class HFVisionCaptioner:
         return self.processor.decode(new_tokens, skip_special_tokens=True).strip()
 
 
-CAPTIONER_KINDS = ("hf", "longvila")
+CAPTIONER_KINDS = ("hf", "py", "longvila")
+CAPTIONER_SPECS = "'hf:FOLDER', 'py:MODULE:FACTORY', 'longvila:CHECKPOINT'"
 
 
 def parse_captioner_spec(spec: str) -> tuple[str, str]:
-    """(kind, target) of "hf:FOLDER" or "longvila:CHECKPOINT"; raises for anything else.
+    """(kind, target) of "hf:FOLDER", "py:MODULE:FACTORY" or "longvila:CHECKPOINT"; raises
+    ``ValueError`` for anything else.
 
     "longvila" is meant to caption with our own model through the MM-SP generation API of
     ``megatron_longvila.inference`` (checkpoint -> model, then one generation per clip with the
     clip's frames as the video and the prompt as text). This version has no such API yet, so it
-    raises ``NotImplementedError``; use a Hugging Face folder meanwhile.
+    raises ``NotImplementedError``; meanwhile a "py:" plug-in can wrap any generation code.
     """
     kind, sep, target = spec.partition(":")
     if not sep or kind not in CAPTIONER_KINDS or not target:
-        raise ValueError(f"captioner {spec!r} must be one of 'hf:FOLDER', 'longvila:CHECKPOINT'")
+        raise ValueError(f"captioner {spec!r} must be one of {CAPTIONER_SPECS}")
+    module, _, factory = target.rpartition(":")
+    if kind == "py" and not (module and factory.isidentifier()):
+        raise ValueError(f"captioner {spec!r}: a plug-in is named 'py:MODULE:FACTORY'")
     if kind == "longvila":
         raise NotImplementedError(
             f"captioner {spec!r}: captioning with a LongVILA checkpoint needs the MM-SP "
             "generation API of megatron_longvila.inference, which this version does not have; "
-            "use a Hugging Face vision-language folder ('hf:FOLDER')"
+            "use a Hugging Face vision-language folder ('hf:FOLDER') or a plug-in "
+            "('py:MODULE:FACTORY')"
         )
     return kind, target
 
 
 def load_captioner(spec: str, device: str = "cpu", dtype: str | None = None) -> Captioner:
-    """The captioner named by ``spec`` (see :func:`parse_captioner_spec`)."""
-    _, target = parse_captioner_spec(spec)
-    return HFVisionCaptioner(target, device=device, dtype=dtype)
+    """The captioner named by ``spec`` (see :func:`parse_captioner_spec`) on ``device``;
+    ``dtype`` is a torch dtype name or None for the model's own."""
+    kind, target = parse_captioner_spec(spec)
+    if kind == "hf":
+        return HFVisionCaptioner(target, device=device, dtype=dtype)
+    module, _, factory = target.rpartition(":")
+    captioner = getattr(importlib.import_module(module), factory)(device=device, dtype=dtype)
+    if not callable(getattr(captioner, "caption", None)):
+        raise TypeError(
+            f"captioner {spec!r} returned a {type(captioner).__name__}, which has no "
+            "caption(frames, prompt, max_new_tokens) method"
+        )
+    return captioner
