@@ -47,6 +47,8 @@ setup(
         "test": ["pytest>=8", "ruff"],
     },
     entry_points={
-        "console_scripts": [],
+        "console_scripts": [
+            "longvila-generate=megatron_longvila.inference.generate:main",
+        ],
     },
 )
