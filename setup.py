@@ -53,6 +53,7 @@ setup(
         "console_scripts": [
             "longvila-train=megatron_longvila.training.trainer:main",
             "longvila-launch=megatron_longvila.training.launcher:main",
+            "longvila-generate=megatron_longvila.inference.generate:main",
         ],
     },
 )

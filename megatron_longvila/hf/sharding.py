@@ -19,8 +19,8 @@ from megatron_longvila.core.sequence_parallel import comm_stats
 from megatron_longvila.core.sequence_parallel.sharding import (
     pad_to_multiple,
     sequence_multiple,
-    shard_token_indices,
     split_sequence,
+    token_at,
 )
 
 IGNORE_INDEX = -100  # transformers' (and PyTorch's) "no loss here" label
@@ -89,16 +89,8 @@ class MMSPSharding:
 
     def value_at(self, x: torch.Tensor, position: int) -> torch.Tensor:
         """x: [b, S/sp, ...], this rank's shard; returns x at global ``position``, [b, ...], on
-        every rank (the rank holding it contributes it to an all-reduce, the others zeros)."""
-        seq_len = x.shape[1] * self.sp
-        if not 0 <= position < seq_len:
-            raise ValueError(f"position {position} is outside the sequence of {seq_len} tokens")
-        local = shard_token_indices(seq_len, self.sp, self.rank, self.layout)
-        hit = (local == position).nonzero()
-        value = x[:, int(hit[0, 0])].clone() if len(hit) else x.new_zeros(x[:, 0].shape)
-        if self.sp > 1:
-            comm_stats.all_reduce_sum(value, self.groups.sp, "sp")
-        return value
+        every rank."""
+        return token_at(x, position, self.groups.sp, dim=1, layout=self.layout)
 
     def shard_batch(
         self,

@@ -201,27 +201,49 @@ class LanguageModel(LanguageModule):
         ranks, padding rows dropped) without labels, else per-token losses [b, s] fp32 (0 where
         the label is negative). Earlier stages return hidden states [s, b, hidden].
         """
+        hidden = self.hidden_states(
+            input_ids, position_ids, attention_mask, decoder_input, packed_seq_params
+        )
+        if not self.post_process:
+            return hidden
+        if labels is None:
+            return self.logits(hidden)
+        losses = self.compute_language_model_loss(labels, self._vocab_parallel_logits(hidden))
+        return losses.masked_fill(labels < 0, 0.0)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor | None,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        decoder_input: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        """The decoder layers of this stage (arguments as :meth:`forward`): [s, b, hidden],
+        after the final norm on the last stage, ready for :meth:`logits`."""
         if decoder_input is None and self.pre_process:
             if input_ids is None:
                 raise ValueError("the first stage needs input_ids or decoder_input")
             decoder_input = self.embed(input_ids)
         rotary = rotary_angles(position_ids, self.inv_freq)
-        hidden = self.decoder(
+        return self.decoder(
             hidden_states=decoder_input,
             attention_mask=attention_mask,
             rotary_pos_emb=rotary,
             packed_seq_params=packed_seq_params,
         )
-        if not self.post_process:
-            return hidden
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Last stage: hidden [s, b, hidden] from :meth:`hidden_states` → logits
+        [b, s, vocab_size], gathered over tensor-parallel ranks, padding rows dropped."""
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(
+            self._vocab_parallel_logits(hidden), group=self.tp_group
+        )
+        return logits[..., : self.cfg.vocab_size].transpose(0, 1).contiguous()
+
+    def _vocab_parallel_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[s, b, padded_vocab / tp]: this rank's vocabulary slice, padding rows at -inf."""
         weight = self.shared_embedding_or_output_weight() if self.cfg.tie_word_embeddings else None
-        logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, padded_vocab / tp]
+        logits, _ = self.output_layer(hidden, weight=weight)
         # Padding rows are not tokens: they take no probability mass.
-        logits = logits.masked_fill(self.vocab_padding, float("-inf"))
-        if labels is None:
-            logits = tensor_parallel.gather_from_tensor_model_parallel_region(
-                logits, group=self.tp_group
-            )
-            return logits[..., : self.cfg.vocab_size].transpose(0, 1).contiguous()
-        losses = self.compute_language_model_loss(labels, logits)
-        return losses.masked_fill(labels < 0, 0.0)
+        return logits.masked_fill(self.vocab_padding, float("-inf"))

@@ -112,6 +112,35 @@ class MMSPPackedSeqParams(PackedSeqParams):
         """``segment_ids``: this rank's shard ``[b, s/sp]``; ``seq_length``: global padded ``s``."""
         return cls(segment_ids=segment_ids, max_seqlen_q=seq_length, max_seqlen_kv=seq_length)
 
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        layer_number: int,
+        causal: bool,
+        softmax_scale: float,
+        groups: MMSPGroups,
+    ) -> torch.Tensor:
+        """What :class:`MMSPAttention` computes for these parameters: q [b, s/sp, hq, d],
+        k/v [b, s/sp, hkv, d] → [b, s/sp, hq, d]. Here :func:`mmsp_attention` over this rank's
+        zigzag shard with the segment ids; KV-cached inference overrides it
+        (:class:`~.decode.MMSPKVCacheParams`). ``layer_number``: the calling layer (1-based)."""
+        return mmsp_attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            segment_ids=self.segment_ids,
+            softmax_scale=softmax_scale,
+            groups=groups,
+            layout="zigzag",
+        )
+
+
+_UNPACKED = MMSPPackedSeqParams()  # rows of one sample: plain causal (or full) attention
+
 
 # Padding is carried by segment ids (-1), so the padding mask types reduce to causal or not.
 _CAUSAL_BY_MASK_TYPE = {
@@ -128,8 +157,10 @@ class MMSPAttention(MegatronModule):
     Same constructor and forward signature as mcore's ``DotProductAttention``: query/key/value
     ``[s/sp, b, heads, d]`` (this rank's zigzag shard, as mcore's CP layout and RoPE expect) →
     ``[s/sp, b, heads·d]``. Causal or not follows ``attn_mask_type``; packed sequences come as
-    :class:`MMSPPackedSeqParams`. Dense ``attention_mask`` tensors cannot be split over ranks and
-    are refused; express padding and packing as segment ids instead.
+    :class:`MMSPPackedSeqParams`, whose :meth:`~MMSPPackedSeqParams.attention` computes the
+    result (so KV-cached inference enters the same way, :class:`~.decode.MMSPKVCacheParams`).
+    Dense ``attention_mask`` tensors cannot be split over ranks and are refused; express padding
+    and packing as segment ids instead.
     """
 
     def __init__(
@@ -188,27 +219,24 @@ class MMSPAttention(MegatronModule):
                 "MMSPAttention takes no dense attention_mask/attention_bias (they cannot be split "
                 "over sp ranks); pass packing/padding as MMSPPackedSeqParams segment ids"
             )
-        segment_ids = None
-        if packed_seq_params is not None:
-            if not isinstance(packed_seq_params, MMSPPackedSeqParams):
-                raise ValueError(
-                    f"MMSPAttention takes MMSPPackedSeqParams, got "
-                    f"{type(packed_seq_params).__name__} (format {packed_seq_params.qkv_format})"
-                )
-            segment_ids = packed_seq_params.segment_ids
+        params = _UNPACKED if packed_seq_params is None else packed_seq_params
+        if not isinstance(params, MMSPPackedSeqParams):
+            raise ValueError(
+                f"MMSPAttention takes MMSPPackedSeqParams, got {type(params).__name__} "
+                f"(format {params.qkv_format})"
+            )
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         if mask_type not in _CAUSAL_BY_MASK_TYPE:
             raise ValueError(f"MMSPAttention does not support attn_mask_type {mask_type}")
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s/sp, h, d]
-        out = mmsp_attention(
+        out = params.attention(
             q,
             k,
             v,
+            layer_number=self.layer_number,
             causal=_CAUSAL_BY_MASK_TYPE[mask_type],
-            segment_ids=segment_ids,
             softmax_scale=self.softmax_scale,
             groups=self.groups,
-            layout="zigzag",
         )
         s, b = query.shape[0], query.shape[1]
         return out.transpose(0, 1).reshape(s, b, -1)

@@ -13,6 +13,11 @@
   (``kernels.block_forward``, no mask: every cached key precedes the query), the ranks all-gather
   the partial ``(out, lse)`` — ``b·hq·(d+1)`` fp32 values each — and every rank merges the ``sp``
   partials by log-sum-exp in rank order, so all ranks hold the same result bit for bit.
+* **In a megatron-core model** (:class:`MMSPKVCacheParams`): passed as ``packed_seq_params``,
+  it makes every :class:`~.attention.MMSPAttention` layer prefill on its first call and decode on
+  the later ones, so the model's own layers (QKV projection, RoPE from explicit position ids,
+  output projection, MLP) run unchanged with their own weights; only the core of attention knows
+  about the cache.
 
 Bytes one rank sends per decode step and layer (group ``"sp"``): ``(sp−1)·b·hq·(d+1)·4``
 (:func:`decode_bytes_per_rank`). The cache itself never moves.
@@ -25,13 +30,14 @@ Decoding is inference only: :func:`decode_attention` builds no autograd graph.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from megatron_longvila.core.parallel_state import MMSPGroups, get_mmsp_groups
 from megatron_longvila.core.sequence_parallel import comm_stats, kernels
-from megatron_longvila.core.sequence_parallel.attention import mmsp_attention
+from megatron_longvila.core.sequence_parallel.attention import MMSPPackedSeqParams, mmsp_attention
 from megatron_longvila.core.sequence_parallel.ring import merge_by_lse
 from megatron_longvila.core.sequence_parallel.sharding import shard_token_indices
 
@@ -144,6 +150,19 @@ class ShardedKVCache:
         self.tokens_per_rank[owner] += 1
         return owner == self.rank
 
+    def rewind(self, tokens_per_rank: list[int]) -> None:
+        """Forget the tokens appended since the cache held ``tokens_per_rank`` (a copy of that
+        attribute taken earlier): each rank's later tokens sit at the end of its buffer, so
+        lowering the counts drops exactly them. Every rank must rewind alike."""
+        if len(tokens_per_rank) != self.sp or any(
+            not 0 <= new <= now for new, now in zip(tokens_per_rank, self.tokens_per_rank)
+        ):
+            raise ValueError(
+                f"cannot rewind a cache holding {self.tokens_per_rank} tokens per rank to "
+                f"{tokens_per_rank}: rewinding only drops tokens"
+            )
+        self.tokens_per_rank = list(tokens_per_rank)
+
     def _capacity(self) -> int:
         balanced = math.ceil(self.max_tokens / self.sp) if self.max_tokens else 0
         return max(self.local_length, balanced)
@@ -231,3 +250,65 @@ def decode_attention(
 def decode_bytes_per_rank(batch: int, heads: int, head_dim: int, sp: int) -> int:
     """Bytes one rank sends in one :func:`decode_attention` call: the all-gathered partials."""
     return (sp - 1) * batch * heads * (head_dim + 1) * 4
+
+
+@dataclasses.dataclass(kw_only=True)
+class MMSPKVCacheParams(MMSPPackedSeqParams):
+    """KV-cached inference through :class:`~.attention.MMSPAttention`, one object per sequence.
+
+    Passed as ``packed_seq_params`` (megatron-core hands it to every layer's ``core_attention``
+    unchanged), it turns the layer's attention into :func:`prefill_attention` on the layer's first
+    call — creating that layer's :class:`ShardedKVCache` — and into ``append`` +
+    :func:`decode_attention` on every later call (one new token, the same on every sp rank).
+    Caches are keyed by the layer's number, so one object serves a whole layer stack.
+
+    prompt_length: real tokens of the prompt (its zigzag shards are padded to a multiple of 2·sp).
+    max_tokens: tokens the caches will hold at most (prompt + new), reserved up front.
+    """
+
+    prompt_length: int
+    max_tokens: int | None = None
+    caches: dict[int, ShardedKVCache] = dataclasses.field(default_factory=dict)
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        layer_number: int,
+        causal: bool,
+        softmax_scale: float,
+        groups: MMSPGroups,
+    ) -> torch.Tensor:
+        """Prefill (q, k, v: [b, S/sp, h, d] zigzag shards) or decode (q, k, v: [b, 1, h, d])."""
+        if not causal:
+            raise ValueError("KV-cached decoding needs causal attention")
+        cache = self.caches.get(layer_number)
+        if cache is None:
+            cache = self.caches[layer_number] = ShardedKVCache(groups, self.max_tokens)
+            return prefill_attention(
+                q, k, v, cache, self.prompt_length, softmax_scale=softmax_scale
+            )
+        cache.append(k, v)
+        return decode_attention(
+            q, cache.keys(), cache.values(), cache.groups, softmax_scale=softmax_scale
+        )
+
+    @property
+    def length(self) -> int:
+        """Tokens cached over the sp group (prompt + decoded tokens run so far)."""
+        return next(iter(self.caches.values())).length if self.caches else 0
+
+    def memory_bytes(self) -> int:
+        """Bytes of keys and values this rank holds, over all layers."""
+        return sum(cache.memory_bytes() for cache in self.caches.values())
+
+    def tokens_per_rank(self) -> list[int]:
+        """Tokens each sp rank caches (the same in every layer); pass to :meth:`rewind`."""
+        return list(next(iter(self.caches.values())).tokens_per_rank)
+
+    def rewind(self, tokens_per_rank: list[int]) -> None:
+        """Drop, in every layer, the tokens appended since :meth:`tokens_per_rank` was read."""
+        for cache in self.caches.values():
+            cache.rewind(tokens_per_rank)

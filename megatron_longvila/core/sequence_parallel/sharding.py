@@ -96,6 +96,30 @@ def locate_tokens(
     return rank, positions % chunk + mirrored.long() * chunk
 
 
+def token_at(
+    x: torch.Tensor,
+    position: int,
+    group: dist.ProcessGroup | None,
+    dim: int = 1,
+    layout: str = "zigzag",
+    name: str = "sp",
+) -> torch.Tensor:
+    """x: this rank's shard (sequence along ``dim``); returns the entry at global ``position``
+    with ``dim`` removed, on every rank of ``group`` (the rank holding it contributes it to an
+    all-reduce, the others zeros: the result is exact)."""
+    sp, rank = comm_stats.group_size(group), comm_stats.group_rank(group)
+    seq_len = x.shape[dim] * sp
+    if not 0 <= position < seq_len:
+        raise ValueError(f"position {position} is outside the sequence of {seq_len} tokens")
+    owner, local = locate_tokens(torch.tensor([position]), seq_len, sp, layout)
+    value = x.select(dim, int(local)).clone()
+    if sp > 1:
+        if int(owner) != rank:
+            value.zero_()
+        comm_stats.all_reduce_sum(value, group, name)
+    return value
+
+
 def split_sequence(
     x: torch.Tensor, sp: int, rank: int, dim: int = 1, layout: str = "zigzag"
 ) -> torch.Tensor:
