@@ -18,7 +18,10 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_longvila", "megatron_longvila.*"]),
-    include_package_data=True,
+    # Non-Python files ship through package_data alone (there is no MANIFEST.in): setuptools puts
+    # them in both the sdist and the wheel. include_package_data would treat templates/ as an
+    # undeclared package and warn that it may be dropped.
+    package_data={"megatron_longvila.data.long_video_sft": ["templates/*.txt"]},
     install_requires=[
         # A range: GPU users bring their own CUDA build of torch; CPU installs pin the local wheel
         # first (see the Makefile) so that nothing here pulls a CUDA build.
@@ -50,6 +53,7 @@ setup(
         "console_scripts": [
             "longvila-train=megatron_longvila.training.trainer:main",
             "longvila-launch=megatron_longvila.training.launcher:main",
+            "longvila-generate=megatron_longvila.inference.generate:main",
             "longvila-eval=megatron_longvila.eval.cli:main",
         ],
     },

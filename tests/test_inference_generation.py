@@ -25,6 +25,7 @@ import tempfile
 
 import pytest
 import torch
+from uncached_reference import uncached_logits
 
 TOLERANCE = 1e-5
 OVERRIDES = {"init_method_std": 0.2}  # sharp attention: a cache or position error shows
@@ -53,24 +54,6 @@ def _prompt_parts(cfg) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, torch.randn(FRAMES, cfg.vision.num_channels, size, size, generator=gen)
 
 
-def _full_logits(model, ids: torch.Tensor, video: torch.Tensor) -> torch.Tensor:
-    """Logits [vocab] after the whole sequence ``ids`` (with the video), no cache."""
-    from megatron_longvila.data.batch import IGNORE_INDEX, MultimodalBatch
-
-    row = ids.reshape(1, -1)
-    batch = MultimodalBatch(
-        input_ids=row,
-        labels=torch.full_like(row, IGNORE_INDEX),
-        segment_ids=torch.zeros_like(row),
-        media=[video],
-        keys=[["reference"]],
-    )
-    with torch.no_grad():
-        logits = model(model.prepare_inputs(batch), return_logits=True)  # [1, S, vocab]
-    length = ids.numel() - 1 + FRAMES * model.cfg.tokens_per_frame
-    return logits[0, length - 1].float()
-
-
 def _reference_generation(model, ids, video, params) -> tuple[list[int], torch.Tensor]:
     from megatron_longvila.inference.sampling import choose_next_token
 
@@ -78,7 +61,9 @@ def _reference_generation(model, ids, video, params) -> tuple[list[int], torch.T
     tokens, logits = [], []
     while len(tokens) < params.max_new_tokens:
         logits.append(
-            _full_logits(model, torch.cat([ids, torch.tensor(tokens, dtype=torch.long)]), video)
+            uncached_logits(
+                model, torch.cat([ids, torch.tensor(tokens, dtype=torch.long)]), [video]
+            )
         )
         tokens.append(choose_next_token(logits[-1], params, generator))
         if tokens[-1] in params.stop_token_ids:
@@ -113,7 +98,7 @@ def run_reference(root: str) -> dict | None:
         logprobs = []
         for i, token in enumerate(continuation):
             prefix = torch.cat([ids, torch.tensor(continuation[:i], dtype=torch.long)])
-            logprobs.append(torch.log_softmax(_full_logits(model, prefix, video), -1)[token])
+            logprobs.append(torch.log_softmax(uncached_logits(model, prefix, [video]), -1)[token])
         scores.append(torch.stack(logprobs))
     cached = generate_tokens(
         model, MultimodalPrompt.from_media(ids, [video]), SamplingParams(max_new_tokens=STEPS)

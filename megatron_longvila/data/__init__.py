@@ -15,5 +15,6 @@ shard_index      Energon metadata without prompts; shards cut short
 shard_dataset    the Energon dataset class named by dataset.yaml
 sample_issues    counting and logging of skipped samples
 loader_state     Energon state <-> JSON
-synthetic        synthetic shape videos with needles, and datasets of them
+synthetic        synthetic shape videos with needles and scene cuts, and datasets of them
+long_video_sft   raw videos -> long-video instruction shards (tools/build_long_video_sft.py)
 """

@@ -1,6 +1,8 @@
-"""Synthetic long videos (moving coloured shapes, optional needle frames) encoded with PyAV,
-and a small caption/QA dataset made of them.
+"""Synthetic long videos (moving coloured shapes, optional needle frames, optional hard scene
+cuts) encoded with PyAV, and a small caption/QA dataset made of them.
 
+A scene cut starts a new scene at a known frame: a background of another brightness and colour
+and shapes of their own, so consecutive scenes differ strongly (shot splitting is tested on them).
 A needle is a run of frames showing an answer (digits/letters, :mod:`pixel_font`) in black on
 white, placed at a relative depth of the video. Every video is encoded with a fixed keyframe
 interval and no scene-cut keyframes (so frame-index seeking is exact, see ``video.py``).
@@ -10,6 +12,8 @@ Part 2).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import random
 from collections.abc import Iterator
@@ -32,6 +36,12 @@ COLOURS = {
     "white": (240, 240, 240),
 }
 SHAPES = ("square", "circle")
+#: Flat backgrounds of the scenes after the first (which keeps the dark blue gradient): bright
+#: for odd scenes, dark for even ones, so every cut changes the brightness a lot.
+SCENE_BACKGROUNDS = {
+    "bright": ((215, 205, 160), (170, 220, 235), (235, 180, 195)),
+    "dark": ((95, 30, 25), (20, 85, 40), (60, 40, 110)),
+}
 CODECS = {"mp4": "libx264", "mkv": "libx264", "webm": "libvpx-vp9", "avi": "mpeg4", "mov": "mpeg4"}
 
 
@@ -63,6 +73,8 @@ class SyntheticVideoSpec:
     #: Amplitude of a random texture drifting under the shapes (0: flat background). Texture
     #: makes the encoder spend bits like on camera footage, so decoding costs what it would.
     texture: int = 0
+    #: Frames at which a new scene starts (ascending, inside (0, num_frames)); none: one scene.
+    scene_starts: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.num_frames < 1 or self.width < 16 or self.height < 16 or self.fps < 1:
@@ -78,21 +90,30 @@ class SyntheticVideoSpec:
             raise ValueError(
                 f"needle_frames={self.needle_frames} must be in [1, num_frames={self.num_frames}]"
             )
+        self.scene_starts = tuple(self.scene_starts)
+        bounds = (0, *self.scene_starts, self.num_frames)
+        if any(b <= a for a, b in itertools.pairwise(bounds)):
+            raise ValueError(
+                f"scene_starts={self.scene_starts} must ascend strictly inside "
+                f"(0, num_frames={self.num_frames})"
+            )
 
 
 @dataclass
 class SyntheticVideo:
-    """What was written: the spec, the shapes, and the frame indices of the needle."""
+    """What was written: the spec, the shapes of each scene, and the frame indices of the
+    needle."""
 
     path: Path
     spec: SyntheticVideoSpec
-    shapes: list[MovingShape]
+    scenes: list[list[MovingShape]]
     needle_frame_indices: list[int] = field(default_factory=list)
 
-    def caption(self) -> str:
-        parts = [f"a {s.colour} {s.kind}" for s in self.shapes]
+    def caption(self, scene: int = 0) -> str:
+        parts = [f"a {s.colour} {s.kind}" for s in self.scenes[scene]]
         listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-        return f"{listed[0].upper()}{listed[1:]} move across a dark background."
+        shade = "bright" if scene % 2 else "dark"
+        return f"{listed[0].upper()}{listed[1:]} move across a {shade} background."
 
 
 def needle_frame_range(spec: SyntheticVideoSpec) -> list[int]:
@@ -102,8 +123,8 @@ def needle_frame_range(spec: SyntheticVideoSpec) -> list[int]:
     return list(range(start, start + spec.needle_frames))
 
 
-def make_shapes(spec: SyntheticVideoSpec) -> list[MovingShape]:
-    rng = random.Random(spec.seed)
+def make_shapes(spec: SyntheticVideoSpec, scene: int = 0) -> list[MovingShape]:
+    rng = random.Random(spec.seed if scene == 0 else f"{spec.seed}/scene{scene}")
     colours = rng.sample(sorted(COLOURS), k=min(spec.num_shapes, len(COLOURS)))
     shapes = []
     for colour in colours:
@@ -136,13 +157,32 @@ def _shape_position(shape: MovingShape, t: int, width: int, height: int) -> tupl
     )
 
 
-def render_frames(spec: SyntheticVideoSpec, shapes: list[MovingShape]) -> Iterator[np.ndarray]:
-    """RGB frames [h, w, 3] uint8 in order."""
+def make_scenes(spec: SyntheticVideoSpec) -> list[list[MovingShape]]:
+    """The shapes of every scene (one scene per cut plus one)."""
+    return [make_shapes(spec, scene) for scene in range(len(spec.scene_starts) + 1)]
+
+
+def _scene_background(spec: SyntheticVideoSpec, scene: int) -> np.ndarray:
+    """[h, w, 3] int16: a dark blue gradient for scene 0, flat colours after a cut."""
+    base = np.zeros((spec.height, spec.width, 3), dtype=np.int16)
+    if scene == 0:
+        yy = np.arange(spec.height)[:, None]
+        base[..., 2] = (30 + 30 * yy / spec.height).astype(np.int16)
+        base[..., :2] = 20
+        return base
+    palette = SCENE_BACKGROUNDS["bright" if scene % 2 else "dark"]
+    base[:] = palette[(scene - 1) // 2 % len(palette)]
+    return base
+
+
+def render_frames(
+    spec: SyntheticVideoSpec, scenes: list[list[MovingShape]]
+) -> Iterator[np.ndarray]:
+    """RGB frames [h, w, 3] uint8 in order; shapes restart their paths at each scene cut."""
     needles = set(needle_frame_range(spec))
     yy, xx = np.mgrid[0 : spec.height, 0 : spec.width]
-    base = np.zeros((spec.height, spec.width, 3), dtype=np.int16)
-    base[..., 2] = (30 + 30 * yy / spec.height).astype(np.int16)
-    base[..., :2] = 20
+    backgrounds = [_scene_background(spec, scene) for scene in range(len(scenes))]
+    starts = (0, *spec.scene_starts)
     texture = np.random.default_rng(spec.seed).integers(
         0, spec.texture + 1, size=(spec.height, spec.width, 3), dtype=np.int16
     )
@@ -152,10 +192,11 @@ def render_frames(spec: SyntheticVideoSpec, shapes: list[MovingShape]) -> Iterat
             draw_text_centered(frame, spec.needle_text, (0, 0, 0))
             yield frame
             continue
+        scene = bisect.bisect_right(starts, t) - 1
         shifted = np.roll(texture, shift=(t, 2 * t), axis=(0, 1)) if spec.texture else 0
-        frame = np.clip(base + shifted, 0, 255).astype(np.uint8)
-        for shape in shapes:
-            x, y = _shape_position(shape, t, spec.width, spec.height)
+        frame = np.clip(backgrounds[scene] + shifted, 0, 255).astype(np.uint8)
+        for shape in scenes[scene]:
+            x, y = _shape_position(shape, t - starts[scene], spec.width, spec.height)
             if shape.kind == "square":
                 frame[y : y + shape.size, x : x + shape.size] = COLOURS[shape.colour]
             else:
@@ -172,7 +213,7 @@ def write_synthetic_video(path: str | Path, spec: SyntheticVideoSpec) -> Synthet
     if ext not in CODECS:
         raise ValueError(f"unsupported container .{ext}; choose one of {sorted(CODECS)}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    shapes = make_shapes(spec)
+    scenes = make_scenes(spec)
     options = {"g": str(spec.keyframe_interval), "sc_threshold": "0"}
     if CODECS[ext] == "libx264":
         k = spec.keyframe_interval
@@ -182,12 +223,12 @@ def write_synthetic_video(path: str | Path, spec: SyntheticVideoSpec) -> Synthet
         stream.width, stream.height = spec.width, spec.height
         stream.pix_fmt = "yuv420p"
         stream.codec_context.gop_size = spec.keyframe_interval
-        for frame in render_frames(spec, shapes):
+        for frame in render_frames(spec, scenes):
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    return SyntheticVideo(path, spec, shapes, needle_frame_range(spec))
+    return SyntheticVideo(path, spec, scenes, needle_frame_range(spec))
 
 
 def make_synthetic_dataset(

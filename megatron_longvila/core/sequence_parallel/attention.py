@@ -250,7 +250,11 @@ def get_mmsp_gpt_layer_spec(**local_spec_kwargs: Any) -> ModuleSpec:
     """
     if local_spec_kwargs.get("multi_latent_attention"):
         raise ValueError("MMSPAttention does not support multi-latent attention")
-    spec = get_gpt_layer_local_spec(**local_spec_kwargs)
+    return with_mmsp_core_attention(get_gpt_layer_local_spec(**local_spec_kwargs))
+
+
+def with_mmsp_core_attention(spec: ModuleSpec) -> ModuleSpec:
+    """A GPT layer spec (local or Transformer Engine) with ``core_attention`` = MMSPAttention."""
     attention = spec.submodules.self_attention
     attention_submodules = dataclasses.replace(attention.submodules, core_attention=MMSPAttention)
     self_attention = dataclasses.replace(attention, submodules=attention_submodules)

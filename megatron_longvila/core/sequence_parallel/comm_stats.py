@@ -38,17 +38,26 @@ dim, ``s = S / sp`` tokens per rank):
 :func:`ulysses_bytes_per_rank`, :func:`ring_bytes_per_rank` and
 :func:`mmsp_attention_bytes_per_rank` compute these numbers; tests compare them with the measured
 counts, and the cluster simulator uses them to predict traffic at scale.
+
+Traffic that other code issues (megatron-core's tensor-parallel layers, its DDP gradient
+reduction) goes straight to ``torch.distributed``. ``counting(other_groups={"tp": tp_group, ...})``
+counts that too: it watches the ``c10d`` ops at the dispatcher and books those on the named
+groups under the given names, with the same per-collective rules (:func:`all_reduce_bytes`,
+:func:`all_gather_bytes`, :func:`reduce_scatter_bytes`, :func:`all_to_all_bytes`). Transfers of the
+wrappers above are never counted twice.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # --------------------------------------------------------------------------------------------
 # Counting
@@ -83,12 +92,22 @@ _active: list[CommStats] = []
 
 
 @contextlib.contextmanager
-def counting() -> Iterator[CommStats]:
-    """Count the bytes of every MM-SP transfer issued inside the block (nesting counts in both)."""
+def counting(
+    other_groups: Mapping[str, dist.ProcessGroup | None] | None = None,
+) -> Iterator[CommStats]:
+    """Count the bytes of every MM-SP transfer issued inside the block (nesting counts in both).
+
+    ``other_groups`` (name → group): also count the collectives any other code runs on these
+    groups (megatron-core's tensor-parallel all-reduces, DDP's gradient reduction), booked under
+    the name. ``None`` groups (size one) are skipped.
+    """
     stats = CommStats()
     _active.append(stats)
+    watched = {name: g for name, g in (other_groups or {}).items() if g is not None}
+    watcher = _CollectiveWatcher(stats, watched) if watched else contextlib.nullcontext()
     try:
-        yield stats
+        with watcher:
+            yield stats
     finally:
         _active.remove(stats)
 
@@ -100,6 +119,128 @@ def _record(group: str, op: str, nbytes: int) -> None:
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+# --------------------------------------------------------------------------------------------
+# Bytes one rank sends in a collective of ``n`` ranks (shared by the counters and the formulas)
+# --------------------------------------------------------------------------------------------
+
+
+def all_reduce_bytes(nbytes: int, n: int) -> int:
+    """Ring all-reduce of a tensor of ``nbytes``: reduce-scatter + all-gather, ``2(n−1)/n``."""
+    return 2 * nbytes * (n - 1) // n
+
+
+def all_gather_bytes(nbytes: int, n: int) -> int:
+    """All-gather of a local tensor of ``nbytes``: it reaches the ``n−1`` others."""
+    return nbytes * (n - 1)
+
+
+def reduce_scatter_bytes(nbytes: int, n: int) -> int:
+    """Reduce-scatter of an input of ``nbytes``: all but this rank's ``1/n`` leaves."""
+    return nbytes * (n - 1) // n
+
+
+def all_to_all_bytes(nbytes: int, n: int) -> int:
+    """Equal-split all-to-all of an input of ``nbytes``: all but this rank's ``1/n`` leaves."""
+    return nbytes * (n - 1) // n
+
+
+# --------------------------------------------------------------------------------------------
+# Collectives of other code, seen at the dispatcher
+# --------------------------------------------------------------------------------------------
+
+_own_transfers = 0  # > 0 while a wrapper below talks to torch.distributed (it counts itself)
+
+
+@contextlib.contextmanager
+def _own_transfer() -> Iterator[None]:
+    global _own_transfers
+    _own_transfers += 1
+    try:
+        yield
+    finally:
+        _own_transfers -= 1
+
+
+def _list_bytes(tensors: Any) -> int:
+    if isinstance(tensors, torch.Tensor):
+        return _nbytes(tensors)
+    return sum(_list_bytes(t) for t in tensors)
+
+
+def _rule(rule, tensors_arg: int):
+    """Bytes of a c10d op: ``rule`` applied to each tensor of argument ``tensors_arg``."""
+
+    def count(args, n, rank):
+        item = args[tensors_arg]
+        tensors = [item] if isinstance(item, torch.Tensor) else list(item)
+        return sum(rule(_list_bytes(t), n) for t in tensors)
+
+    return count
+
+
+def _broadcast_bytes(args, n, rank):
+    # broadcast_(tensors, group, root_rank, ...): the root sends its tensors to the n−1 others.
+    return _list_bytes(args[0]) * (n - 1) if args[2] == rank else 0
+
+
+def _no_bytes(args, n, rank):
+    return 0
+
+
+# c10d op → bytes this rank sends. The argument positions are those of the c10d op schemas.
+_C10D_BYTES = {
+    "allreduce_": _rule(all_reduce_bytes, 0),
+    "allreduce_coalesced_": _rule(all_reduce_bytes, 0),
+    "_allgather_base_": _rule(all_gather_bytes, 1),
+    "allgather_": _rule(all_gather_bytes, 1),
+    "allgather_coalesced_": _rule(all_gather_bytes, 1),
+    "allgather_into_tensor_coalesced_": _rule(all_gather_bytes, 1),
+    "_reduce_scatter_base_": _rule(reduce_scatter_bytes, 1),
+    "reduce_scatter_tensor_coalesced_": _rule(reduce_scatter_bytes, 1),
+    "alltoall_base_": _rule(all_to_all_bytes, 1),
+    "send": lambda args, n, rank: _list_bytes(args[0]),
+    "broadcast_": _broadcast_bytes,
+    "recv_": _no_bytes,
+    "recv_any_source_": _no_bytes,
+    "barrier": _no_bytes,
+    "monitored_barrier_": _no_bytes,
+}
+_PROCESS_GROUP_TYPE = "__torch__.torch.classes.c10d.ProcessGroup"
+
+
+class _CollectiveWatcher(TorchDispatchMode):
+    """Books the bytes of ``c10d`` ops issued on the watched groups (see :func:`counting`)."""
+
+    def __init__(self, stats: CommStats, groups: Mapping[str, dist.ProcessGroup]) -> None:
+        super().__init__()
+        self.stats = stats
+        self.groups = list(groups.items())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "c10d" and not _own_transfers:
+            self._book(func, args)
+        return func(*args, **(kwargs or {}))
+
+    def _book(self, func, args) -> None:
+        group = next(
+            (
+                dist.ProcessGroup.unbox(a)
+                for a in args
+                if isinstance(a, torch.ScriptObject)
+                and a._type().qualified_name() == _PROCESS_GROUP_TYPE
+            ),
+            None,
+        )
+        name = next((name for name, g in self.groups if g is group), None)
+        if name is None:
+            return
+        op = func._opname
+        if op not in _C10D_BYTES:
+            raise NotImplementedError(f"comm_stats cannot count the bytes of c10d op {op!r}")
+        nbytes = _C10D_BYTES[op](args, group.size(), group.rank())
+        self.stats.record(name, op.strip("_"), nbytes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,8 +267,9 @@ def all_to_all(x: torch.Tensor, group: dist.ProcessGroup, name: str) -> torch.Te
         raise ValueError(f"all_to_all on '{name}' needs dim 0 == group size {n}, got {x.shape[0]}")
     x = x.contiguous()
     out = torch.empty_like(x)
-    dist.all_to_all_single(out, x, group=group)
-    _record(name, "all_to_all", _nbytes(x) * (n - 1) // n)
+    with _own_transfer():
+        dist.all_to_all_single(out, x, group=group)
+    _record(name, "all_to_all", all_to_all_bytes(_nbytes(x), n))
     return out
 
 
@@ -165,16 +307,18 @@ def all_gather(x: torch.Tensor, group: dist.ProcessGroup, name: str) -> list[tor
     n = group_size(group)
     x = x.contiguous()
     parts = [torch.empty_like(x) for _ in range(n)]
-    dist.all_gather(parts, x, group=group)
-    _record(name, "all_gather", _nbytes(x) * (n - 1))
+    with _own_transfer():
+        dist.all_gather(parts, x, group=group)
+    _record(name, "all_gather", all_gather_bytes(_nbytes(x), n))
     return parts
 
 
 def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup, name: str) -> None:
     """Sum ``x`` in place over ``group``; counted as a ring all-reduce, ``2(n−1)/n`` of ``x``."""
     n = group_size(group)
-    dist.all_reduce(x, group=group)
-    _record(name, "all_reduce", 2 * _nbytes(x) * (n - 1) // n)
+    with _own_transfer():
+        dist.all_reduce(x, group=group)
+    _record(name, "all_reduce", all_reduce_bytes(_nbytes(x), n))
 
 
 class RingExchange:
@@ -205,11 +349,13 @@ class RingExchange:
             ops.append(dist.P2POp(dist.isend, t, nxt, group, tag))
             ops.append(dist.P2POp(dist.irecv, r, prv, group, tag))
             _record(name, op, _nbytes(t))
-        self._requests = dist.batch_isend_irecv(ops)
+        with _own_transfer():
+            self._requests = dist.batch_isend_irecv(ops)
 
     def wait(self) -> list[torch.Tensor]:
-        for request in self._requests:
-            request.wait()
+        with _own_transfer():
+            for request in self._requests:
+                request.wait()
         return self.received
 
 

@@ -1,0 +1,308 @@
+"""Exact per-rank work of one training step: FLOPs, bytes sent by group, memory.
+
+For a :class:`GPTShape`, a :class:`Strategy`, ``batch`` sequences of ``seq`` tokens (padded to a
+multiple of ``2·sp``) and the element sizes of :class:`Precision`. Notation: ``L`` layers, ``h``
+hidden, ``H``/``G`` query/kv heads, ``d`` head dim, ``f`` ffn hidden, ``V`` vocab, ``t`` tp,
+``U`` ulysses, ``R`` ring, ``sp = U·R``, ``n = b·seq/sp`` tokens per rank (linear layers),
+``T = seq/R`` tokens per ring rank (attention).
+
+**Bytes** (what :func:`comm_stats.counting` measures in the benchmark; tests compare them):
+
+* ``ulysses``/``ring``: ``L`` × :func:`comm_stats.mmsp_attention_bytes_per_rank` with ``H/t`` and
+  ``G/t`` heads per tensor-parallel rank.
+* ``tp`` (megatron-core tensor parallelism, activations ``X = n·h·e`` bytes): without Megatron's
+  TP sequence parallelism, all-reduces of ``X`` — the embedding's output (forward), the attention
+  and MLP outputs (forward, 2 per layer), the gradients of the QKV and FC1 inputs (backward, 2 per
+  layer), the gradient of the output layer's input (backward) — plus three all-reduces of ``n``
+  fp32 values in the vocab-parallel cross entropy. With TP sequence parallelism (GPU only; not
+  measured on CPU) every all-reduce becomes an all-gather + reduce-scatter of the same volume,
+  and the backward re-gathers each column-parallel input for its weight gradient (2 per layer and
+  one for the output layer).
+* ``dp`` (gradient reduction over the ``sp`` ranks, dp = 1): all-reduce of the fp32 gradient
+  buffer of the ``P_t`` parameters a rank holds (``none``); reduce-scatter of it and all-gather of
+  the updated bf16/fp32 weights (``zero1``, Megatron's distributed optimizer); two all-gathers of
+  the weights (forward, backward) and a reduce-scatter of the gradients (``zero3``).
+
+**FLOPs** per rank: GEMMs ``3 · 2·n·(L·W_layer + h·V)/t`` (forward + twice for backward, ``W_layer
+= h(H+2G)d + Hd·h + 3hf``); attention forward ``4·d·b·H/(tU)`` per attended (query, key) pair,
+backward 2.5× that (flash attention recomputes the scores). Zigzag causal pairs per ring rank:
+``T(T+1)/2`` on the diagonal block and ``T²/2`` for each of the ``R−1`` other blocks.
+
+**Memory** per rank: see :func:`memory_per_rank`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from megatron_longvila.benchmarks.workload import GPTShape, Strategy
+from megatron_longvila.core.sequence_parallel import comm_stats
+
+SHARDINGS = ("none", "zero1", "zero3")
+BACKWARD_ATTENTION_FLOPS = 2.5  # flash attention backward / forward (five matmuls vs two)
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per element: activations (q/k/v, hidden states), weights, reduced gradients, and the
+    dK/dV accumulators that travel the backward ring (fp32 in MM-SP's ring)."""
+
+    activation: int = 2
+    weight: int = 2
+    grad: int = 4
+    ring_grad: int = 4
+
+    @classmethod
+    def of(cls, dtype: str) -> Precision:
+        size = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+        return cls(activation=size, weight=size)
+
+
+@dataclass(frozen=True)
+class Training:
+    """How the step is run: weight/optimizer sharding (:data:`SHARDINGS`), full activation
+    recomputation, Megatron's TP sequence parallelism, and whether the gradient reduction runs
+    during the backward (Megatron's ``overlap_grad_reduce``, ZeRO's ``overlap_comm``)."""
+
+    sharding: str = "none"
+    recompute: bool = False
+    tp_sequence_parallel: bool = False
+    overlap_grad_sync: bool = False
+
+    def __post_init__(self) -> None:
+        if self.sharding not in SHARDINGS:
+            raise ValueError(f"sharding {self.sharding!r}; expected one of {SHARDINGS}")
+
+
+def tokens_per_rank(batch: int, seq: int, strategy: Strategy) -> int:
+    """``n``: tokens each rank holds in the linear layers."""
+    if seq % (2 * strategy.sp):
+        raise ValueError(
+            f"sequence {seq} is not a multiple of 2·sp = {2 * strategy.sp} ({strategy.label})"
+        )
+    return batch * seq // strategy.sp
+
+
+def layer_linear_params(shape: GPTShape) -> int:
+    """Weights of one layer's linear maps (QKV, output projection, SwiGLU FC1, FC2), unsharded."""
+    h, d = shape.hidden, shape.head_dim
+    qkv = h * (shape.heads + 2 * shape.kv_heads) * d
+    return qkv + shape.heads * d * h + 3 * h * shape.ffn_hidden
+
+
+def params_per_rank(shape: GPTShape, tp: int) -> int:
+    """Parameters one tensor-parallel rank holds (norm weights replicated, the rest split)."""
+    h = shape.hidden
+    norms = (2 * shape.layers + 1) * h
+    split = shape.layers * layer_linear_params(shape) + 2 * shape.vocab * h
+    return norms + split // tp
+
+
+# --------------------------------------------------------------------------------------------
+# Bytes
+# --------------------------------------------------------------------------------------------
+
+
+def step_bytes_per_rank(
+    shape: GPTShape,
+    strategy: Strategy,
+    batch: int,
+    seq: int,
+    precision: Precision,
+    training: Training = Training(),
+) -> dict[str, int]:
+    """Bytes one rank sends in one training step: ``{"ulysses", "ring", "tp", "dp"}``."""
+    t, e = strategy.tp, precision.activation
+    attention = comm_stats.mmsp_attention_bytes_per_rank(
+        batch=batch,
+        seq_len=seq,
+        heads=shape.heads // t,
+        kv_heads=shape.kv_heads // t,
+        head_dim=shape.head_dim,
+        ulysses=strategy.ulysses,
+        ring=strategy.ring,
+        itemsize=e,
+        grad_itemsize=precision.ring_grad,
+    )
+    return {
+        "ulysses": shape.layers * sum(attention["ulysses"].values()),
+        "ring": shape.layers * sum(attention["ring"].values()),
+        "tp": _tensor_parallel_bytes(shape, strategy, batch, seq, e, training),
+        "dp": _gradient_sync_bytes(shape, strategy, precision, training),
+    }
+
+
+def _tensor_parallel_bytes(
+    shape: GPTShape, strategy: Strategy, batch: int, seq: int, e: int, training: Training
+) -> int:
+    t = strategy.tp
+    n = tokens_per_rank(batch, seq, strategy)
+    x = n * shape.hidden * e
+    loss_stats = 3 * comm_stats.all_reduce_bytes(n * 4, t)
+    if not training.tp_sequence_parallel:
+        return (4 * shape.layers + 2) * comm_stats.all_reduce_bytes(x, t) + loss_stats
+    # Per layer: 2 gathers + 2 scatters forward, their 4 transposes and 2 re-gathers backward;
+    # embedding: scatter + its gather; output layer: gather, its scatter and a re-gather.
+    # An all-gather of X/t sends as much as a reduce-scatter of X.
+    collectives = 10 * shape.layers + 2 + 3
+    return collectives * comm_stats.reduce_scatter_bytes(x, t) + loss_stats
+
+
+def _gradient_sync_bytes(
+    shape: GPTShape, strategy: Strategy, precision: Precision, training: Training
+) -> int:
+    n = strategy.sp  # the dp × cp group: dp = 1 here
+    p = params_per_rank(shape, strategy.tp)
+    grads, weights = p * precision.grad, p * precision.weight
+    if training.sharding == "none":
+        return comm_stats.all_reduce_bytes(grads, n)
+    shard_of_weights = comm_stats.all_gather_bytes(weights // n, n)
+    if training.sharding == "zero1":
+        return comm_stats.reduce_scatter_bytes(grads, n) + shard_of_weights
+    return comm_stats.reduce_scatter_bytes(grads, n) + 2 * shard_of_weights
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs
+# --------------------------------------------------------------------------------------------
+
+
+def ring_step_pairs(seq: int, strategy: Strategy, causal: bool = True) -> list[int]:
+    """Attended (query, key) pairs per head of one ring rank at each ring step (zigzag)."""
+    r = strategy.ring
+    tokens = seq // r
+    if not causal:
+        return [tokens * tokens] * r
+    return [tokens * (tokens + 1) // 2] + [tokens * tokens // 2] * (r - 1)
+
+
+def attention_forward_flops_per_step(
+    shape: GPTShape, strategy: Strategy, batch: int, seq: int, causal: bool = True
+) -> list[int]:
+    """Forward attention FLOPs of one rank and one layer at each ring step."""
+    heads = shape.heads // (strategy.tp * strategy.ulysses)
+    per_pair = 4 * shape.head_dim * batch * heads
+    return [per_pair * pairs for pairs in ring_step_pairs(seq, strategy, causal)]
+
+
+def gemm_flops_per_layer(shape: GPTShape, strategy: Strategy, batch: int, seq: int) -> int:
+    """Forward GEMM FLOPs of one rank and one layer."""
+    n = tokens_per_rank(batch, seq, strategy)
+    return 2 * n * layer_linear_params(shape) // strategy.tp
+
+
+def output_layer_flops(shape: GPTShape, strategy: Strategy, batch: int, seq: int) -> int:
+    """Forward FLOPs of one rank's share of the output layer (the logits GEMM)."""
+    n = tokens_per_rank(batch, seq, strategy)
+    return 2 * n * shape.hidden * shape.vocab // strategy.tp
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """What the non-attention kernels keep for the backward, per token of a layer.
+
+    ``norm_tensors``: ``h``-wide tensors each RMSNorm keeps (its input and output; PyTorch's
+    composite RMSNorm also the normalized input); ``mlp_tensors``: ``f``-wide tensors of the
+    SwiGLU MLP (FC1's output counts two; megatron-core's unfused GLU also keeps the SiLU output,
+    a copy of the linear half and their product); ``rope_tables``: ``d``-wide RoPE cos/sin rows
+    kept per token (megatron-core's unfused RoPE, q and k).
+    """
+
+    norm_tensors: int
+    mlp_tensors: int
+    rope_tables: int
+
+
+# megatron-core's local spec on CPU (torch RMSNorm, unfused GLU and RoPE): what the CPU runs.
+TORCH_KERNELS = Kernels(norm_tensors=3, mlp_tensors=5, rope_tables=4)
+# Transformer Engine layers with fused RMSNorm, SwiGLU and RoPE: what GPU runs use.
+FUSED_KERNELS = Kernels(norm_tensors=2, mlp_tensors=3, rope_tables=0)
+
+
+def layer_activation_bytes(
+    shape: GPTShape,
+    strategy: Strategy,
+    batch: int,
+    seq: int,
+    precision: Precision,
+    training: Training = Training(),
+    kernels: Kernels = FUSED_KERNELS,
+) -> int:
+    """Bytes one layer keeps for its backward on one rank (no recomputation).
+
+    Per token, in the activation dtype: the two norms' tensors (``2·norm_tensors·h``, split over
+    tp only with TP sequence parallelism), the MLP's (``mlp_tensors·f / t``), RoPE's tables, and
+    the attention's, split over tp: with Ulysses (``U > 1``) the all-to-all's outputs q, k, v
+    (``(H + 2G')d``, ``G'`` kv heads after replication); without it the rotated q and k
+    (``(H + G)d``) and the fused QKV projection output that v is a view of (``(H + 2G)d``); in
+    both cases the attention output and the output projection's input (``2Hd``: an all-to-all or
+    a layout change between them makes two tensors); plus the fp32 log-sum-exp (``H``).
+    """
+    t, e = strategy.tp, precision.activation
+    n = tokens_per_rank(batch, seq, strategy)
+    h, d, f = shape.hidden, shape.head_dim, shape.ffn_hidden
+    heads, kv = shape.heads // t, shape.kv_heads // t
+    if strategy.ulysses > 1:
+        qkv = heads + 2 * comm_stats.replicated_kv_heads(kv, strategy.ulysses)
+    else:
+        qkv = (heads + kv) + (heads + 2 * kv)
+    norms = 2 * kernels.norm_tensors * h // (t if training.tp_sequence_parallel else 1)
+    width = norms + kernels.mlp_tensors * f // t + kernels.rope_tables * d + (qkv + 2 * heads) * d
+    return n * (width * e + 4 * heads)
+
+
+def memory_per_rank(
+    shape: GPTShape,
+    strategy: Strategy,
+    batch: int,
+    seq: int,
+    precision: Precision,
+    training: Training = Training(),
+    optimizer_bytes_per_param: int = 12,
+    kernels: Kernels = FUSED_KERNELS,
+) -> dict[str, int]:
+    """Peak bytes per rank of one training step, by part.
+
+    * ``weights``/``gradients``/``optimizer``: ``P_t`` parameters of the rank, gradients in
+      ``precision.grad``, ``optimizer_bytes_per_param`` (fp32 master copy and two Adam moments;
+      0 for a step without optimizer), sharded over the ``sp`` ranks as ``training.sharding``
+      says (``zero3`` also keeps two gathered layers);
+    * ``activations``: ``L`` layers' saved tensors (:func:`layer_activation_bytes`), or with full
+      recomputation ``L`` layer inputs plus one layer recomputed;
+    * ``logits``: the fp32 softmax the vocab-parallel cross entropy keeps, plus the logits in the
+      activation dtype while both exist (``n·V/t·(4 + e)``);
+    * ``transient``: working memory of the backward of one layer, taken as one more layer's saved
+      tensors.
+    """
+    p = params_per_rank(shape, strategy.tp)
+    n_shards = strategy.sp
+    weights, grads = p * precision.weight, p * precision.grad
+    optimizer = p * optimizer_bytes_per_param
+    if training.sharding in ("zero1", "zero3"):
+        optimizer //= n_shards
+    if training.sharding == "zero3":
+        gathered = 2 * layer_linear_params(shape) // strategy.tp * precision.weight
+        weights, grads = weights // n_shards + gathered, grads // n_shards
+    layer = layer_activation_bytes(shape, strategy, batch, seq, precision, training, kernels)
+    n = tokens_per_rank(batch, seq, strategy)
+    if training.recompute:
+        sp_split = strategy.tp if training.tp_sequence_parallel else 1
+        activations = shape.layers * n * shape.hidden * precision.activation // sp_split + layer
+    else:
+        activations = shape.layers * layer
+    logits = n * shape.vocab // strategy.tp * (4 + precision.activation)
+    parts = {
+        "weights": weights,
+        "gradients": grads,
+        "optimizer": optimizer,
+        "activations": activations,
+        "logits": logits,
+        "transient": layer,
+    }
+    parts["total"] = sum(parts.values())
+    return parts

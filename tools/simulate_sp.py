@@ -1,0 +1,134 @@
+"""Predict step time and memory of MM-SP, ring-only, Ulysses-only and Megatron CP+TP on a cluster.
+
+Default: the LongVILA paper's setting (Llama-3-8B decoder, H100 nodes of 8 GPUs, 32–256 GPUs,
+64K–2M tokens): predicted step times, MM-SP's speedups beside the paper's ranges, and the longest
+sequence that fits per GPU count with and without activation recomputation. Every cluster number
+can be overridden; every assumption is printed. Writes ``simulate_sp.json``, ``.md``, ``.png``.
+
+    python tools/simulate_sp.py --out runs/simulate_sp
+    python tools/simulate_sp.py --ib-gbps 25 --gpus 64 128 --seq 256K 1M
+    python tools/simulate_sp.py --calibrate-cpu --world 8 --seq 4096   # fit this machine (gloo)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from megatron_longvila.benchmarks import study_report
+from megatron_longvila.benchmarks.scaling_study import H100_NODES, Setup, paper_study
+from megatron_longvila.benchmarks.simulator import Link
+from megatron_longvila.benchmarks.workload import CPU_SMALL, LLAMA3_8B, strategies_for
+
+GiB = 2**30
+
+
+def _tokens(text: str) -> int:
+    """``65536``, ``64K`` or ``2M``."""
+    scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1].upper(), 1)
+    return int(text[:-1] if scale > 1 else text) * scale
+
+
+def _parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--gpus", type=int, nargs="+", default=[32, 64, 128, 256])
+    p.add_argument("--seq", type=_tokens, nargs="+", default=None, help="e.g. 64K 1M 2M")
+    p.add_argument("--memory-gpus", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256])
+    p.add_argument("--sharding", choices=["none", "zero1", "zero3"], default="zero3")
+    for name in ("layers", "hidden", "heads", "kv-heads", "ffn-hidden", "vocab"):
+        p.add_argument(f"--{name}", type=int, help="override Llama-3-8B's value")
+    cluster = p.add_argument_group("cluster (defaults: the H100 preset)")
+    cluster.add_argument("--gpus-per-node", type=int)
+    cluster.add_argument("--peak-tflops", type=float)
+    cluster.add_argument("--gemm-efficiency", type=float)
+    cluster.add_argument("--attention-efficiency", type=float)
+    cluster.add_argument("--nvlink-gbps", type=float, help="GB/s per GPU per direction")
+    cluster.add_argument("--nvlink-latency-us", type=float)
+    cluster.add_argument("--ib-gbps", type=float, help="GB/s per GPU per direction")
+    cluster.add_argument("--ib-latency-us", type=float)
+    cluster.add_argument("--overlap", type=float, help="fraction of overlappable comm hidden")
+    cluster.add_argument("--memory-gib", type=float)
+    cpu = p.add_argument_group("calibration on this machine")
+    cpu.add_argument("--calibrate-cpu", action="store_true")
+    cpu.add_argument("--world", type=int, default=8)
+    p.add_argument("--out", type=Path, default=Path("runs/simulate_sp"))
+    return p.parse_args()
+
+
+def _cluster(a: argparse.Namespace):
+    c = H100_NODES
+    changes = {}
+    for arg, field, scale in (
+        ("gpus_per_node", "gpus_per_node", 1),
+        ("peak_tflops", "peak_flops", 1e12),
+        ("gemm_efficiency", "gemm_efficiency", 1),
+        ("attention_efficiency", "attention_efficiency", 1),
+        ("overlap", "overlap", 1),
+        ("memory_gib", "memory_bytes", GiB),
+    ):
+        if getattr(a, arg) is not None:
+            changes[field] = getattr(a, arg) * scale
+    for prefix, field in (("nvlink", "intra_node"), ("ib", "inter_node")):
+        link = getattr(c, field)
+        bandwidth, latency = getattr(a, f"{prefix}_gbps"), getattr(a, f"{prefix}_latency_us")
+        if bandwidth is not None or latency is not None:
+            changes[field] = Link(
+                bandwidth=link.bandwidth if bandwidth is None else bandwidth * 1e9,
+                latency=link.latency if latency is None else latency * 1e-6,
+            )
+    if changes:
+        c = replace(c, name=c.name + " (modified: " + ", ".join(sorted(changes)) + ")", **changes)
+    return c
+
+
+def _calibrate_cpu(a: argparse.Namespace) -> None:
+    """Fit this machine's rates on ``--world`` gloo ranks and predict the benchmark's strategies."""
+    from megatron_longvila.benchmarks.calibration import calibrated_cluster, measure_calibration
+    from megatron_longvila.benchmarks.compare import predict
+    from megatron_longvila.benchmarks.gpt_step import StepSettings
+    from megatron_longvila.testing import RankPool
+
+    settings = StepSettings(seq=a.seq[0] if a.seq else 4096)
+    with RankPool(a.world) as pool:
+        measured = pool.run(measure_calibration, CPU_SMALL, settings.seq)[0]
+    cluster = calibrated_cluster(measured)
+    strategies = strategies_for(a.world, CPU_SMALL)
+    predicted = predict(CPU_SMALL, strategies, settings, cluster)
+    a.out.mkdir(parents=True, exist_ok=True)
+    rows = {s.label: p for s, p in zip(strategies, predicted)}
+    (a.out / "calibration.json").write_text(
+        json.dumps(
+            {"measured": measured, "cluster": cluster.as_dict(), "predicted": rows}, indent=2
+        )
+    )
+    print("\n".join(cluster.notes))
+    for label, parts in rows.items():
+        print(f"{label:24s} predicted step {1e3 * parts['total']:8.1f} ms")
+
+
+def main() -> None:
+    a = _parse()
+    if a.calibrate_cpu:
+        _calibrate_cpu(a)
+        return
+    overrides = {
+        field: getattr(a, field)
+        for field in ("layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab")
+        if getattr(a, field) is not None
+    }
+    kwargs = {"seqs": tuple(a.seq)} if a.seq else {}
+    study = paper_study(
+        shape=replace(LLAMA3_8B, **overrides),
+        cluster=_cluster(a),
+        setup=Setup(sharding=a.sharding),
+        gpu_counts=tuple(a.gpus),
+        memory_gpu_counts=tuple(a.memory_gpus),
+        **kwargs,
+    )
+    print(study_report.write(study, a.out))
+
+
+if __name__ == "__main__":
+    main()
