@@ -21,7 +21,6 @@ import json
 import os
 import socket
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -44,7 +43,6 @@ from megatron_longvila.eval.needle import (
     write_synthetic_haystack,
 )
 from megatron_longvila.eval.results_file import is_rank0
-from megatron_longvila.eval.trained_checkpoint import load_trained_model, recorded_training_setup
 from megatron_longvila.eval.videomme import (
     MODES,
     VARIANTS,
@@ -53,7 +51,7 @@ from megatron_longvila.eval.videomme import (
     run_videomme,
 )
 from megatron_longvila.inference.generator import FrameSettings, Generator
-from megatron_longvila.inference.loading import load_model_for_inference, resolve_checkpoint
+from megatron_longvila.inference.loading import load_model_for_inference
 from megatron_longvila.models.config import ConfigError, LongVILAConfig
 from megatron_longvila.training.checkpointing import CheckpointError
 
@@ -148,26 +146,14 @@ def load_predictor(args: argparse.Namespace) -> GeneratorPredictor:
         )
     initialize_mmsp(topology)
     architecture = LongVILAConfig.preset(args.model_preset) if args.model_preset else None
-    source = resolve_checkpoint(args.checkpoint)
-    trained, data = recorded_training_setup(args.checkpoint)
-    tokenizer_path = args.tokenizer or source.tokenizer_path or data.get("tokenizer_path")
+    model, source = load_model_for_inference(
+        args.checkpoint, model_config=architecture, params_dtype=DTYPES[args.dtype]
+    )
+    tokenizer_path = args.tokenizer or source.tokenizer_path
     if tokenizer_path is None:
         raise CheckpointError(f"{source.directory} records no tokenizer; pass --tokenizer")
     tokenizer = load_tokenizer(tokenizer_path, all_template_markers())
-    dtype = DTYPES[args.dtype]
-    if source.config is None and trained is not None:  # the trainer's own checkpoint
-        # The trainer gives the model its tokenizer's placeholder ids; so do we.
-        arch = replace(
-            architecture or trained,
-            image_token_id=tokenizer.image_id,
-            video_token_id=tokenizer.video_id,
-        )
-        model = load_trained_model(args.checkpoint, arch, dtype)
-    else:
-        model, source = load_model_for_inference(
-            args.checkpoint, model_config=architecture, params_dtype=dtype
-        )
-    template = args.chat_template or source.chat_template or data.get("chat_template", "qwen2")
+    template = args.chat_template or source.chat_template or "qwen2"
     generator = Generator(
         model,
         tokenizer,

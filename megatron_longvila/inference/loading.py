@@ -223,8 +223,10 @@ def load_model_for_inference(
         load_full_state(model, state)
     else:
         verify_checkpoint_metadata(source.directory)
-        model.load_state_dict(
-            dist_checkpointing.load(model.sharded_state_dict(), str(source.directory))
-        )
+        loaded = dist_checkpointing.load(model.sharded_state_dict(), str(source.directory))
+        # dist_checkpointing merges the saved common (non-tensor) state into what it returns:
+        # from a trainer's checkpoint that includes the optimizer's, which the model has no use for.
+        loaded.pop("optimizer", None)
+        model.load_state_dict(loaded)
     model.eval()
     return model, source
