@@ -127,3 +127,14 @@ def test_hf_judge_on_a_tiny_local_model(tmp_path):
         HFCausalLMJudge(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match=r"has no config\.json"):
         HFCausalLMJudge(tmp_path)
+
+
+def test_cli_names_a_missing_judge_before_loading(tmp_path):
+    from megatron_longvila.eval.cli import check_inputs, parse_args
+
+    items = tmp_path / "items.jsonl"
+    items.write_text("")
+    args = ["caption", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "c.json")]
+    args += ["--items", str(items), "--judge", str(tmp_path / "no-judge")]
+    with pytest.raises(FileNotFoundError, match=r"caption judge folder .*no-judge does not exist"):
+        check_inputs(parse_args(args))

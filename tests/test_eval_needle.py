@@ -15,6 +15,7 @@ import json
 import pytest
 import torch
 
+from megatron_longvila.eval.cli import format_summary
 from megatron_longvila.eval.heatmap import plot_needle_heatmap
 from megatron_longvila.eval.needle import (
     Haystack,
@@ -113,6 +114,8 @@ def test_cell_accuracies_are_exact(haystack, tmp_path, scoring):
     assert report["settings"]["needle"]["frame_counts"] == [8, 16, 32]
     assert report["settings"]["haystack"]["frames"] == 40
     assert summary["chance"] == (0.25 if scoring == "options" else None)
+    table = format_summary("needle", {**summary, "heatmap": "h.png"}, tmp_path / "n.json")
+    assert "| 0% | 100.0% | 100.0% | 100.0% |" in table.splitlines()
 
 
 def test_resume_runs_only_what_is_left(haystack, tmp_path):

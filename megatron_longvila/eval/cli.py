@@ -17,7 +17,6 @@ over). Without torchrun it runs as one process.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import sys
@@ -222,15 +221,74 @@ def run_videomme_cli(args: argparse.Namespace, predictor: GeneratorPredictor) ->
 
 
 def run_caption(args: argparse.Namespace, predictor: GeneratorPredictor) -> dict:
-    if args.judge is not None and not args.judge.is_dir():
-        raise FileNotFoundError(f"caption judge folder {args.judge} does not exist")
     items = load_caption_items(args.items, args.videos_root)
     judge = HFCausalLMJudge(args.judge) if args.judge is not None and is_rank0() else None
     settings = CaptionSettings(args.prompt, args.num_frames, args.max_new_tokens)
     return run_captioning(predictor, items, settings, args.output, judge, resume=not args.restart)
 
 
+def check_inputs(args: argparse.Namespace) -> None:
+    """Fail on a missing input before the model is loaded."""
+    wanted = {
+        "needle": [("haystack video", args.haystack if args.command == "needle" else None)],
+        "videomme": [("question file", getattr(args, "questions", None))],
+        "caption": [("caption file", getattr(args, "items", None))],
+    }[args.command]
+    folders = [
+        ("video folder", getattr(args, "videos", None)),
+        ("subtitle folder", getattr(args, "subtitles", None)),
+        ("caption judge folder", getattr(args, "judge", None)),
+    ]
+    for what, path in wanted:
+        if path is not None and not path.is_file():
+            raise FileNotFoundError(f"{what} {path} does not exist")
+    for what, path in folders:
+        if path is not None and not path.is_dir():
+            raise FileNotFoundError(f"{what} {path} does not exist")
+
+
 COMMANDS = {"needle": run_needle, "videomme": run_videomme_cli, "caption": run_caption}
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def format_summary(command: str, summary: dict, output: Path) -> str:
+    """A short human-readable report of ``summary`` (the JSON has everything)."""
+    lines = []
+    if command == "needle":
+        grid = summary["grid"]
+        lines.append(
+            "| depth | " + " | ".join(f"{n} frames" for n in grid["columns_frames"]) + " |"
+        )
+        lines.append("|---:|" + "---:|" * len(grid["columns_frames"]))
+        for depth, row in zip(grid["rows_depths"], grid["accuracy"]):
+            lines.append(f"| {100 * depth:g}% | " + " | ".join(_percent(a) for a in row) + " |")
+        chance = f" (chance {_percent(summary['chance'])})" if summary["chance"] else ""
+        lines.append(
+            f"accuracy {_percent(summary['accuracy'])}{chance}; heatmap {summary['heatmap']}"
+        )
+    elif command == "videomme":
+        for variant, result in summary.items():
+            durations = ", ".join(
+                f"{d} {_percent(r['accuracy'])} ({r['questions']})"
+                for d, r in result["by_duration"].items()
+            )
+            lines.append(
+                f"{variant}: {_percent(result['accuracy'])} of {result['questions']} "
+                f"[{durations}]; unparsed {result['unparsed']}, skipped {result['skipped']}"
+            )
+    else:
+        metrics = summary.get("metrics", {})
+        lines.append(
+            f"{summary['captions']} captions, {summary['skipped']} skipped; "
+            + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        )
+        if "judge" in summary:
+            lines.append(f"judge score (0-5): {summary['judge']['score']}")
+    lines.append(f"results: {output}")
+    return "\n".join(lines)
 
 
 def _start_single_process() -> None:
@@ -251,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     platform.adapt_megatron_for_cpu()
     platform.init_distributed()
     try:
+        check_inputs(args)
         summary = COMMANDS[args.command](args, load_predictor(args))
     except (CheckpointError, ConfigError, ValueError, VideoDecodeError, FileNotFoundError) as exc:
         if is_rank0():
@@ -258,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         dist.destroy_process_group()
         return 2
     if is_rank0():
-        print(json.dumps(summary, indent=1))
+        print(format_summary(args.command, summary, args.output), flush=True)
     dist.destroy_process_group()
     return 0
 
