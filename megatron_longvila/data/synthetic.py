@@ -240,9 +240,12 @@ def make_synthetic_dataset(
     containers: tuple[str, ...] = ("mp4",),
     needle_fraction: float = 0.5,
     seed: int = 0,
+    needle_range: int = 100,
+    needle_frames: int | None = None,
 ) -> Path:
     """Videos under ``out_dir/videos`` and ``out_dir/samples.jsonl`` with one conversation per
-    video: a caption question, or (for ``needle_fraction`` of them) "which number appears".
+    video: a caption question, or (for ``needle_fraction`` of them) "which number appears" — a
+    number below ``needle_range`` shown on ``needle_frames`` frames (default an eighth).
     Returns the JSONL path; its records have ``id``, ``video`` (relative path) and
     ``conversations``."""
     out_dir = Path(out_dir)
@@ -250,7 +253,7 @@ def make_synthetic_dataset(
     records = []
     for i in range(num_videos):
         ext = containers[i % len(containers)]
-        needle = str(rng.randint(0, 99)) if rng.random() < needle_fraction else None
+        needle = str(rng.randrange(needle_range)) if rng.random() < needle_fraction else None
         spec = SyntheticVideoSpec(
             num_frames=num_frames,
             width=width,
@@ -258,7 +261,7 @@ def make_synthetic_dataset(
             seed=seed * 100_003 + i,
             needle_text=needle,
             needle_depth=rng.random(),
-            needle_frames=max(1, num_frames // 8),
+            needle_frames=needle_frames or max(1, num_frames // 8),
         )
         relative = f"videos/video_{i:05d}.{ext}"
         video = write_synthetic_video(out_dir / relative, spec)
