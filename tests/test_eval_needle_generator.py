@@ -1,8 +1,9 @@
 """The needle evaluation through the real Generator on 2 gloo ranks: SP = 2 predicts as SP = 1.
 
 Setup: a tiny random LongVILA model (init std 0.2, so option scores differ clearly) whose
-vocabulary is a locally trained tokenizer's, saved by ``CheckpointManager`` with its inference
-metadata; a 48×48 synthetic haystack video.
+vocabulary is a locally trained tokenizer's, saved by ``CheckpointManager`` in the trainer's
+layout (model beside optimizer state) with its inference metadata, and loaded back with every
+tensor equal; a 48×48 synthetic haystack video.
 Reference: the same checkpoint loaded at SP = 1 (each rank a whole model) and wrapped by hand in
 ``Generator`` + ``GeneratorPredictor``.
 Under test: the CLI's own path (``parse_args`` → ``load_predictor`` → ``run_needle``) at SP = 2
@@ -60,10 +61,14 @@ def reference_sp1(root: str, tokenizer_dir: str, haystack: str, out_dir: str) ->
     cfg = _model_config(tokenizer)
     torch.manual_seed(0)
     (model,) = build_longvila_model(cfg, transformer_overrides={"init_method_std": 0.2})
-    CheckpointManager(root).save(
-        1, model.sharded_state_dict(), inference_metadata(cfg, tokenizer_dir, "qwen2")
-    )
+    # The trainer's layout: the model beside optimizer state with common (non-tensor) entries.
+    state = {"model": model.sharded_state_dict(), "optimizer": {"param_groups": [{"lr": 0.1}]}}
+    CheckpointManager(root).save(1, state, inference_metadata(cfg, tokenizer_dir, "qwen2"))
     loaded, _ = load_model_for_inference(root)
+    saved = model.state_dict()
+    for name, value in loaded.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, saved[name]), name
     predictor = GeneratorPredictor(Generator(loaded, tokenizer))
     for scoring in ("options", "exact"):
         args = parse_args(_cli_args(root, haystack, Path(out_dir) / f"sp1_{scoring}.json", scoring))
