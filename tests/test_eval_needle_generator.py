@@ -1,4 +1,4 @@
-"""The needle evaluation through the real Generator on 2 gloo ranks: SP = 2 predicts as SP = 1.
+"""The evaluations through the real Generator on 2 gloo ranks: SP = 2 predicts as SP = 1.
 
 Setup: a tiny random LongVILA model (init std 0.2, so option scores differ clearly) whose
 vocabulary is a locally trained tokenizer's, saved by ``CheckpointManager`` in the trainer's
@@ -22,6 +22,35 @@ import pytest
 
 FRAME_COUNTS, DEPTHS = "4,8", "0,50,100"
 TOLERANCE = 1e-4
+NEW_TOKENS = 6
+OPTIONS = ["A. a red square", "B. a blue circle", "C. two shapes", "D. nothing moves"]
+SRT = "1\n00:00:00,000 --> 00:00:02,000\nshapes are moving\n"
+
+
+def _write_bench(folder: Path) -> None:
+    """Two 16-frame videos (one with subtitles), three VideoMME questions, two caption items."""
+    from megatron_longvila.data.synthetic import SyntheticVideoSpec, write_synthetic_video
+
+    for i, stem in enumerate(("clip_a", "clip_b")):
+        spec = SyntheticVideoSpec(num_frames=16, width=48, height=48, seed=i)
+        write_synthetic_video(folder / "videos" / f"{stem}.mp4", spec)
+    (folder / "subtitles").mkdir()
+    (folder / "subtitles" / "clip_a.srt").write_text(SRT)
+    questions = [
+        {"videoID": stem, "duration": duration, "question_id": qid, "question": "What moves?"}
+        | {"options": OPTIONS, "answer": answer}
+        for stem, duration, qid, answer in [
+            ("clip_a", "short", "q1", "C"),
+            ("clip_a", "short", "q2", "A"),
+            ("clip_b", "long", "q3", "B"),
+        ]
+    ]
+    (folder / "questions.json").write_text(json.dumps(questions))
+    items = [
+        {"id": s, "video": f"videos/{s}.mp4", "caption": "two shapes move"}
+        for s in ("clip_a", "clip_b")
+    ]
+    (folder / "captions.jsonl").write_text("".join(json.dumps(i) + "\n" for i in items))
 
 
 def _model_config(tokenizer):
@@ -43,15 +72,27 @@ def _cli_args(root: str, haystack: str, output: Path, scoring: str) -> list[str]
 
 
 def reference_sp1(root: str, tokenizer_dir: str, haystack: str, out_dir: str) -> None:
-    """Save the checkpoint, then run both sweeps at SP = 1 with a hand-built predictor."""
+    """Save the checkpoint, then run both sweeps, VideoMME and captioning at SP = 1 with a
+    hand-built predictor."""
     import torch
     from megatron.core import parallel_state
 
     from megatron_longvila.data.chat_template import all_template_markers
     from megatron_longvila.data.tokenizer import load_tokenizer
+    from megatron_longvila.eval.captioning import (
+        CaptionSettings,
+        load_caption_items,
+        run_captioning,
+    )
     from megatron_longvila.eval.cli import parse_args
     from megatron_longvila.eval.generator_predictor import GeneratorPredictor
     from megatron_longvila.eval.needle import Haystack, NeedleSettings, run_needle_eval
+    from megatron_longvila.eval.videomme import (
+        VARIANTS,
+        VideoMMESettings,
+        load_questions,
+        run_videomme,
+    )
     from megatron_longvila.inference import Generator, inference_metadata, load_model_for_inference
     from megatron_longvila.models.longvila_step import build_longvila_model
     from megatron_longvila.training.checkpointing import CheckpointManager
@@ -76,13 +117,31 @@ def reference_sp1(root: str, tokenizer_dir: str, haystack: str, out_dir: str) ->
             frame_counts=args.frame_counts, depths=args.depths, trials=1, scoring=scoring
         )
         run_needle_eval(predictor, Haystack(haystack), settings, args.output)
+    bench = Path(out_dir) / "bench"
+    run_videomme(
+        predictor,
+        load_questions(bench / "questions.json"),
+        bench / "videos",
+        VideoMMESettings(variants=list(VARIANTS), max_new_tokens=NEW_TOKENS),
+        Path(out_dir) / "sp1_videomme.json",
+        subtitles=bench / "subtitles",
+    )
+    settings = CaptionSettings(max_new_tokens=NEW_TOKENS)
+    items = load_caption_items(bench / "captions.jsonl")
+    run_captioning(predictor, items, settings, Path(out_dir) / "sp1_captions.json")
 
 
 def cli_sp2(root: str, haystack: str, out_dir: str) -> int:
-    """Both sweeps through the CLI's functions at SP = 2; returns how many times this rank
-    wrote a results file."""
+    """Both sweeps, VideoMME and captioning through the CLI's functions at SP = 2; returns how
+    many times this rank wrote a results file."""
     from megatron_longvila.eval import results_file
-    from megatron_longvila.eval.cli import load_predictor, parse_args, run_needle
+    from megatron_longvila.eval.cli import (
+        load_predictor,
+        parse_args,
+        run_caption,
+        run_needle,
+        run_videomme_cli,
+    )
 
     writes = []
     write = results_file.write_json_atomic
@@ -92,6 +151,14 @@ def cli_sp2(root: str, haystack: str, out_dir: str) -> int:
         predictor = load_predictor(parse_args(_cli_args(root, haystack, outputs["options"], "")))
         for scoring, output in outputs.items():
             run_needle(parse_args(_cli_args(root, haystack, output, scoring)), predictor)
+        bench, out = Path(out_dir) / "bench", Path(out_dir)
+        common = ["--checkpoint", root, "--max-new-tokens", str(NEW_TOKENS)]
+        videomme = ["videomme", *common, "--output", str(out / "sp2_videomme.json")]
+        videomme += ["--questions", str(bench / "questions.json")]
+        videomme += ["--videos", str(bench / "videos"), "--subtitles", str(bench / "subtitles")]
+        run_videomme_cli(parse_args(videomme), predictor)
+        caption = ["caption", *common, "--output", str(out / "sp2_captions.json")]
+        run_caption(parse_args([*caption, "--items", str(bench / "captions.jsonl")]), predictor)
     finally:
         results_file.write_json_atomic = write
     return len(writes)
@@ -107,6 +174,7 @@ def runs(tmp_path_factory, rank_pools) -> Path:
     spec = SyntheticVideoSpec(num_frames=16, width=48, height=48)
     haystack = str(write_synthetic_video(tmp / "haystack.mp4", spec).path)
     root = str(tmp / "checkpoints")
+    _write_bench(tmp / "bench")
     pool = rank_pools(2)
     pool.run(reference_sp1, root, str(tokenizer_dir), haystack, str(tmp))
     writes = pool.run(cli_sp2, root, haystack, str(tmp))
@@ -142,3 +210,26 @@ def test_json_and_heatmap_written(runs):
         assert report["summary"]["grid"]["columns_frames"] == [4, 8]
         assert report["settings"]["model"]["frames"]["resize_mode"] == "pad"
     assert not list(runs.glob(".*.tmp"))  # every write completed its rename
+
+
+def test_videomme_and_captions_through_the_generator(runs):
+    """Files given by path (each rank decodes its own frames): SP = 2 answers as SP = 1."""
+    for name in ("videomme", "captions"):
+        sp1 = json.loads((runs / f"sp1_{name}.json").read_text())
+        sp2 = json.loads((runs / f"sp2_{name}.json").read_text())
+        assert sp1["complete"] and sp2["complete"]
+        assert sp1["records"].keys() == sp2["records"].keys()
+        for key, ref in sp1["records"].items():
+            got = sp2["records"][key]
+            assert "skipped" not in got, got
+            field = "response" if name == "videomme" else "caption"
+            assert got[field] == ref[field], key
+            assert isinstance(got[field], str)
+        if name == "videomme":
+            assert len(sp2["records"]) == 6  # 3 questions × with/without subtitles
+            assert sp2["records"]["q1/with_subtitles"]["subtitle_cues"] == 1
+            assert sp2["records"]["q3/with_subtitles"]["subtitle_cues"] == 0  # no .srt
+            summary = sp2["summary"]["with_subtitles"]
+            assert summary["by_duration"].keys() == {"short", "long"}
+        else:
+            assert set(sp2["summary"]["metrics"]) == {"bleu4", "rouge_l", "cider_d"}
