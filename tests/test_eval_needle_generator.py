@@ -10,7 +10,8 @@ Under test: the CLI's own path (``parse_args`` → ``load_predictor`` → ``run_
 (Ulysses over both ranks), which must write the JSON and the heatmap PNG on rank 0 only, choose
 the same option in every trial and give the same generated answer (exact-match sweep), with
 option log-likelihoods equal to the reference's within 1e-4 (fp32; the sharded prefill merges
-attention by log-sum-exp, so only rounding differs).
+attention by log-sum-exp, so only rounding differs). The VideoMME (with and without subtitles)
+and captioning CLI paths, given video files, must answer exactly as the SP = 1 reference.
 """
 
 from __future__ import annotations
