@@ -234,3 +234,25 @@ def test_videomme_and_captions_through_the_generator(runs):
             assert summary["by_duration"].keys() == {"short", "long"}
         else:
             assert set(sp2["summary"]["metrics"]) == {"bleu4", "rouge_l", "cider_d"}
+
+
+def open_results(path: str, settings: dict) -> str:
+    """What this rank sees when it opens ``path`` for resuming: its records, or the error."""
+    from megatron_longvila.eval.results_file import ResultsFile
+
+    try:
+        return ",".join(sorted(ResultsFile(path, "needle", settings).records))
+    except ValueError as exc:
+        return f"error: {exc}"
+
+
+def test_every_rank_resumes_alike(tmp_path, rank_pools):
+    """Rank 0 alone reads the file; the records reach every rank, and a refusal stops every
+    rank (none is left waiting for records)."""
+    path = tmp_path / "r.json"
+    data = {"eval": "needle", "settings": {"x": 1}, "records": {"a": {}, "b": {}}}
+    path.write_text(json.dumps(data))
+    pool = rank_pools(2)
+    assert pool.run(open_results, str(path), {"x": 1}) == ["a,b", "a,b"]
+    refused = pool.run(open_results, str(path), {"x": 2})
+    assert all(r.startswith("error:") and "x: 1 -> 2" in r for r in refused), refused

@@ -229,20 +229,18 @@ def run_caption(args: argparse.Namespace, predictor: GeneratorPredictor) -> dict
 
 def check_inputs(args: argparse.Namespace) -> None:
     """Fail on a missing input before the model is loaded."""
-    wanted = {
-        "needle": [("haystack video", args.haystack if args.command == "needle" else None)],
-        "videomme": [("question file", getattr(args, "questions", None))],
-        "caption": [("caption file", getattr(args, "items", None))],
-    }[args.command]
-    folders = [
-        ("video folder", getattr(args, "videos", None)),
-        ("subtitle folder", getattr(args, "subtitles", None)),
-        ("caption judge folder", getattr(args, "judge", None)),
-    ]
-    for what, path in wanted:
+    files = {"haystack": "haystack video", "questions": "question file", "items": "caption file"}
+    folders = {
+        "videos": "video folder",
+        "subtitles": "subtitle folder",
+        "judge": "caption judge folder",
+    }
+    for name, what in files.items():
+        path = getattr(args, name, None)
         if path is not None and not path.is_file():
             raise FileNotFoundError(f"{what} {path} does not exist")
-    for what, path in folders:
+    for name, what in folders.items():
+        path = getattr(args, name, None)
         if path is not None and not path.is_dir():
             raise FileNotFoundError(f"{what} {path} does not exist")
 

@@ -78,10 +78,15 @@ class ResultsFile:
         self.settings = _as_json(settings)
         self.records: dict[str, dict] = {}
         self.summary: dict = {}
-        found = None
+        found, problem = {}, None
         if is_rank0() and resume and self.path.exists():
-            found = self._load_existing()
-        self.records = _broadcast_from_rank0(found or {})
+            try:
+                found = self._load_existing()
+            except ValueError as exc:  # every rank must stop, not wait for the records
+                problem = exc
+        self.records, problem = _broadcast_from_rank0((found, problem))
+        if problem is not None:
+            raise problem
 
     def _load_existing(self) -> dict[str, dict]:
         try:
