@@ -473,6 +473,11 @@ def test_cli_export_bf16_in_shards_and_refusing_to_overwrite(llama_converted, tm
 
     assert cli.main(args) == 2
     assert "exists and is not empty; pass --force" in capsys.readouterr().err
+    elsewhere = tmp_path / "elsewhere"
+    wrong_tokenizer = ["--tokenizer", str(tmp_path / "nowhere")]
+    assert cli.main(["to-hf", str(converted["megatron"]), str(elsewhere), *wrong_tokenizer]) == 2
+    assert "nowhere is not a tokenizer folder" in capsys.readouterr().err
+    assert not elsewhere.exists()
     assert cli.main([*args, "--force"]) == 0
     assert read_safetensors(out / "llm")["model.norm.weight"].dtype == torch.float32
 

@@ -71,13 +71,22 @@ def has_tokenizer(folder: Path) -> bool:
     return any((folder / n).is_file() for n in TOKENIZER_FILES if n.startswith("tokenizer"))
 
 
+def _is_sentencepiece_file(tokenizer: Path) -> bool:
+    return tokenizer.is_file() and tokenizer.suffix == ".model"
+
+
+def check_tokenizer(tokenizer: Path) -> None:
+    """Refuse a path that is neither a tokenizer folder nor a sentencepiece ``.model`` file."""
+    if not (_is_sentencepiece_file(tokenizer) or has_tokenizer(tokenizer)):
+        raise ConversionError(f"tokenizer {tokenizer} is not a tokenizer folder or .model file")
+
+
 def copy_tokenizer(tokenizer: Path, folder: Path) -> list[str]:
     """Copy a tokenizer folder's files (or a sentencepiece ``.model`` file) into ``folder``."""
-    if tokenizer.is_file() and tokenizer.suffix == ".model":
+    check_tokenizer(tokenizer)
+    if _is_sentencepiece_file(tokenizer):
         shutil.copyfile(tokenizer, folder / "tokenizer.model")
         return ["tokenizer.model"]
-    if not has_tokenizer(tokenizer):
-        raise ConversionError(f"tokenizer {tokenizer} is not a tokenizer folder or .model file")
     found = [name for name in TOKENIZER_FILES if (tokenizer / name).is_file()]
     for name in found:
         shutil.copyfile(tokenizer / name, folder / name)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_longvila.convert.hf_export import write_longvila_folder
+from megatron_longvila.convert.hf_export import check_tokenizer, write_longvila_folder
 from megatron_longvila.convert.megatron_source import (
     architecture_from_train_state,
     frames_from_train_state,
@@ -62,6 +62,8 @@ def megatron_to_hf(
         raise ConversionError(
             f"{directory} records no tokenizer; give a tokenizer folder or skip the tokenizer"
         )
+    if not skip_tokenizer:  # a wrong path stops the export before the output is touched
+        check_tokenizer(Path(tokenizer))
     recorded_frames, fps = frames_from_train_state(state)
     check_output(output, force, inputs=[directory])
 
