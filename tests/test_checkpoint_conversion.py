@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from megatron_longvila.convert import ConversionError, HFSource, hf_to_megatron, megatron_to_hf
 from megatron_longvila.convert.safetensors_io import read_safetensors
 from megatron_longvila.models.config import LLMConfig, LongVILAConfig, VisionConfig
+from megatron_longvila.training.checkpointing import CheckpointError
 
 VISION = VisionConfig.preset("tiny", pooling_head=True)  # 3 layers, select -2: 1 never runs
 SETTINGS = {"image_token_id": 248, "video_token_id": 249, "vocab_pad_multiple": 64}
@@ -499,3 +500,84 @@ def test_cli_import_in_spawned_processes_equals_the_torchrun_path(llama_converte
     assert spawned.keys() == reference.keys()
     assert all(torch.equal(spawned[k], reference[k]) for k in reference)
     assert not (tmp_path / "ckpt" / ".staging").exists()
+
+
+TRAINER_CONFIG = {  # the trainer's train_state.json "config" record (its parts read here)
+    "model": {"preset": "tiny", "overrides": {"llm": {"rope_theta": 5.0e5}}},
+    "data": {"tokenizer_path": "tokenizer-folder", "num_frames": 16},
+}
+
+
+def save_prefixed_training_checkpoint(root: str) -> dict[str, torch.Tensor]:
+    """Save as the trainer does (``CheckpointManager``, model and optimizer state, its config
+    record) with the model's keys prefixed ``model.`` and the embedding split over the ranks
+    like a TP shard; returns the full tensors by module name."""
+    import torch.distributed as dist
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from megatron_longvila.training.checkpointing import CheckpointManager
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    gen = torch.Generator().manual_seed(5)
+    full = {
+        "llm.embedding.word_embeddings.weight": torch.randn(6, 4, generator=gen),
+        "llm.decoder.layers.mlp.linear_fc1.weight": torch.randn(2, 8, 4, generator=gen),
+        "vision_tower.embeddings.position_embedding.weight": torch.randn(3, 4, generator=gen),
+        "mm_projector.fc1.weight": torch.randn(4, 4, generator=gen),
+    }
+    rows = 6 // world
+    embedding = full["llm.embedding.word_embeddings.weight"][rank * rows : (rank + 1) * rows]
+    model = {
+        name: ShardedTensor.from_rank_offsets(f"model.{name}", t.clone(), replica_id=rank)
+        for name, t in full.items()
+        if name != "llm.embedding.word_embeddings.weight"
+    }
+    model["embedding"] = ShardedTensor.from_rank_offsets(
+        "model.llm.embedding.word_embeddings.weight", embedding.clone(), (0, rank, world)
+    )
+    optimizer = {  # its keys embed the model's, as megatron's optimizer state does
+        "exp_avg": ShardedTensor.from_rank_offsets(
+            "optimizer.state.exp_avg.model.llm.embedding.word_embeddings.weight",
+            torch.zeros_like(embedding),
+            (0, rank, world),
+        )
+    }
+    state = {"model": model, "optimizer": optimizer}
+    CheckpointManager(root).save(5, state, {"config": TRAINER_CONFIG})
+    return full
+
+
+def test_training_save_with_prefixed_keys_and_the_trainers_config_is_read(ranks2, tmp_path):
+    """A save folder as the trainer leaves it (``latest``, ``iter_*``, its ``config`` record,
+    optimizer state next to the model) whose model keys carry a ``model.`` prefix: the model's
+    tensors come back by module name, one per layer, and nothing of the optimizer."""
+    from megatron_longvila.convert.megatron_source import (
+        architecture_from_train_state,
+        frames_from_train_state,
+        read_model_tensors,
+        read_train_state,
+        resolve_checkpoint_dir,
+        tokenizer_from_train_state,
+    )
+
+    saved = ranks2.run(save_prefixed_training_checkpoint, str(tmp_path / "save"))[0]
+    directory = resolve_checkpoint_dir(tmp_path / "save")
+    assert directory == tmp_path / "save" / "iter_0000005"
+    tensors = read_model_tensors(directory)
+    stacked = saved.pop("llm.decoder.layers.mlp.linear_fc1.weight")
+    for layer in range(2):
+        saved[f"llm.decoder.layers.{layer}.mlp.linear_fc1.weight"] = stacked[layer]
+    assert sorted(tensors) == sorted(saved)
+    assert all(torch.equal(tensors[name], saved[name]) for name in saved)
+
+    state = read_train_state(directory)
+    cfg = architecture_from_train_state(state)
+    tiny = LongVILAConfig.preset("tiny")
+    assert cfg.llm.rope_theta == 5.0e5 and cfg.llm.hidden_size == tiny.llm.hidden_size
+    assert cfg.vision == tiny.vision
+    assert tokenizer_from_train_state(state) == "tokenizer-folder"
+    assert frames_from_train_state(state) == (16, None)
+
+    (directory / ".metadata").rename(directory / "metadata.moved")
+    with pytest.raises(CheckpointError, match=r"no \.metadata"):
+        read_model_tensors(directory)

@@ -11,7 +11,10 @@ The architecture and the tokenizer come from its ``train_state.json``:
 
 The model's tensors are read in one process without a process group
 (:func:`~megatron_longvila.training.checkpointing.load_full_tensors`), optimizer state is not
-read, and come back by module name in the TP=1 layout (see :mod:`.names`).
+read, and come back by module name in the TP=1 layout (see :mod:`.names`). The trainer saves the
+model's sharded keys as the model names them (``llm.…``, ``vision_tower.…``, ``mm_projector.…``);
+a checkpoint whose keys carry a prefix (``model.llm.…``, from ``sharded_state_dict(prefix=…)``)
+is read the same way.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from megatron_longvila.training.checkpointing import (
     TRAIN_STATE,
     CheckpointManager,
     load_full_tensors,
+    verify_checkpoint_metadata,
 )
 
 #: train_state.json keys read here (see the module docstring).
@@ -83,9 +87,32 @@ def frames_from_train_state(state: dict[str, Any]) -> tuple[int | None, float | 
     return data.get("num_frames"), data.get("fps")
 
 
+#: A tensor every LongVILA model has, on the first pipeline stage (and, tied, on the last).
+_ANCHOR_KEY = "llm.embedding.word_embeddings.weight"
+
+
+def model_key_prefix(directory: Path) -> str:
+    """What the model's sharded keys start with before ``llm.`` etc.: ``""`` as the trainer saves
+    them, e.g. ``"model."`` if they were prefixed. Optimizer state, whose keys embed the model's
+    (``optimizer.state.exp_avg.llm.…``), has the longer prefix and is not taken."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    verify_checkpoint_metadata(directory)
+    keys = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    prefixes = [key.removesuffix(_ANCHOR_KEY) for key in keys if key.endswith(_ANCHOR_KEY)]
+    if not prefixes:
+        raise ConversionError(
+            f"{directory} holds no LongVILA model: no key ends with {_ANCHOR_KEY!r} "
+            f"({len(keys)} keys, e.g. {sorted(keys)[:3]})"
+        )
+    return min(prefixes, key=len)
+
+
 def read_model_tensors(directory: Path) -> dict[str, torch.Tensor]:
     """Every model tensor of a dist checkpoint by module name (TP=1 layout)."""
+    prefix = model_key_prefix(directory)
     full: dict[str, torch.Tensor] = {}
     for part in PARTS:
-        full |= load_full_tensors(directory, f"{part}.")
+        tensors = load_full_tensors(directory, f"{prefix}{part}.")
+        full |= {key.removeprefix(prefix): tensor for key, tensor in tensors.items()}
     return unstack_layers(full)
