@@ -42,31 +42,54 @@ def _model_config(tokenizer):
 
 
 def save_and_answer(root: str, tokenizer_dir: str, video: str) -> dict | None:
-    """Save the checkpoint (every rank), load it back (same config and weights), then answer
-    with the Python API at SP = 1."""
+    """Save the checkpoint (every rank), load it back (same config and weights), also through
+    the exported Hugging Face folder, then answer with the Python API at SP = 1."""
     import torch
     from megatron.core import parallel_state
 
+    from megatron_longvila.convert import megatron_to_hf
     from megatron_longvila.data.chat_template import all_template_markers
     from megatron_longvila.data.tokenizer import load_tokenizer
     from megatron_longvila.inference import FrameSettings, Generator, load_model_for_inference
     from megatron_longvila.models.longvila_step import build_longvila_model
-    from megatron_longvila.training.checkpointing import CheckpointManager
+    from megatron_longvila.training.checkpointing import (
+        CHAT_TEMPLATE_KEY,
+        FRAMES_KEY,
+        MODEL_CONFIG_KEY,
+        TOKENIZER_KEY,
+        CheckpointManager,
+    )
 
     parallel_state.initialize_model_parallel()
     tokenizer = load_tokenizer(tokenizer_dir, all_template_markers())
     cfg = _model_config(tokenizer)
     (model,) = build_longvila_model(cfg, transformer_overrides={"init_method_std": 0.2})
-    train_config = {  # the parts of the trainer's recorded config that inference reads
-        "model": {"preset": "tiny", "overrides": {"llm": {"vocab_size": tokenizer.vocab_size}}},
-        "data": {"tokenizer_path": tokenizer_dir, "chat_template": "qwen2"},
+    train_state = {  # what the trainer records besides its whole config
+        "config": {"model": {"preset": "tiny"}},
+        MODEL_CONFIG_KEY: cfg.to_dict(),
+        TOKENIZER_KEY: tokenizer_dir,
+        CHAT_TEMPLATE_KEY: "qwen2",
+        FRAMES_KEY: FRAMES,
     }
-    CheckpointManager(root).save(3, {"model": model.sharded_state_dict()}, {"config": train_config})
+    CheckpointManager(root).save(3, {"model": model.sharded_state_dict()}, train_state)
     loaded, source = load_model_for_inference(root)
     assert source.config == cfg, (source.config, cfg)
     for name, tensor in model.state_dict().items():
         if isinstance(tensor, torch.Tensor):
             assert torch.equal(loaded.state_dict()[name], tensor), name
+    # The same weights through the Hugging Face folder the converter exports.
+    hf_dir = f"{root}-hf"
+    if torch_rank() == 0:
+        megatron_to_hf(root, hf_dir, progress=False)
+    torch.distributed.barrier()
+    from_hf, hf_source = load_model_for_inference(hf_dir)
+    assert hf_source.kind == "hf" and hf_source.config == cfg, hf_source.config
+    vocab = cfg.llm.vocab_size  # rows past it are vocabulary padding: not exported, zeros
+    for name, tensor in model.state_dict().items():
+        if isinstance(tensor, torch.Tensor):
+            if tensor.shape[:1] == (cfg.llm.padded_vocab_size,):
+                tensor = tensor[:vocab]
+            assert torch.equal(from_hf.state_dict()[name][: len(tensor)], tensor), name
     if torch_rank() != 0:  # the other data-parallel replicas would compute the same
         return None
     generator = Generator(loaded, tokenizer, frames=FrameSettings(num_frames=FRAMES))

@@ -3,8 +3,8 @@
 A checkpoint is named by its root (``latest`` is followed) or by one ``iter_NNNNNNN`` folder.
 The architecture and the tokenizer come from its ``train_state.json``:
 
-* ``longvila_config``: the resolved :class:`LongVILAConfig` as a dict (written by the
-  converter; the trainer should record it too), else
+* ``model_config``: the resolved :class:`LongVILAConfig` as a dict (written by the trainer and
+  the converter), else
 * ``config``: the trainer's config tree, whose ``model`` section (preset + overrides) is built;
 * ``tokenizer_path``, else ``config.data.tokenizer_path``: the tokenizer folder or file;
 * ``num_video_frames``, else ``config.data.num_frames`` / ``config.data.fps``.
@@ -30,14 +30,14 @@ from megatron_longvila.convert.parts import PARTS
 from megatron_longvila.models.config import LongVILAConfig
 from megatron_longvila.models.hf_mapping import ConversionError
 from megatron_longvila.training.checkpointing import (
+    FRAMES_KEY,
+    MODEL_CONFIG_KEY,
+    TOKENIZER_KEY,
     TRAIN_STATE,
     CheckpointManager,
     load_full_tensors,
     verify_checkpoint_metadata,
 )
-
-#: train_state.json keys read here (see the module docstring).
-CONFIG_KEY, TOKENIZER_KEY, FRAMES_KEY = "longvila_config", "tokenizer_path", "num_video_frames"
 
 
 def resolve_checkpoint_dir(path: str | Path) -> Path:
@@ -62,8 +62,8 @@ def read_train_state(directory: Path) -> dict[str, Any]:
 
 def architecture_from_train_state(state: dict[str, Any]) -> LongVILAConfig | None:
     """The model architecture recorded in a train state (see the module docstring), or None."""
-    if CONFIG_KEY in state:
-        return LongVILAConfig.from_dict(state[CONFIG_KEY])
+    if MODEL_CONFIG_KEY in state:
+        return LongVILAConfig.from_dict(state[MODEL_CONFIG_KEY])
     model = (state.get("config") or {}).get("model")
     if model is None:
         return None

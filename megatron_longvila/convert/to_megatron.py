@@ -42,11 +42,11 @@ from megatron_longvila.convert.hf_source import (
     read_longvila_config,
     read_longvila_weights,
 )
-from megatron_longvila.convert.megatron_source import CONFIG_KEY, FRAMES_KEY, TOKENIZER_KEY
 from megatron_longvila.convert.outputs import check_output, prepare_output
 from megatron_longvila.convert.safetensors_io import save_tensors_file
 from megatron_longvila.models.config import LongVILAConfig
 from megatron_longvila.models.hf_mapping import ConversionError
+from megatron_longvila.training.checkpointing import FRAMES_KEY, MODEL_CONFIG_KEY, TOKENIZER_KEY
 
 STAGING_DIR = ".staging"
 _WEIGHTS, _META = "weights.safetensors", "conversion.json"
@@ -56,7 +56,7 @@ def _train_state(source: HFSource, cfg: LongVILAConfig, seed: int) -> dict[str, 
     """What the converted checkpoint records (read back by :mod:`.megatron_source`)."""
     projector = str(source.mm_projector) if source.mm_projector else f"fresh (seed {seed})"
     state = {
-        CONFIG_KEY: cfg.to_dict(),
+        MODEL_CONFIG_KEY: cfg.to_dict(),
         TOKENIZER_KEY: str(source.llm.resolve()) if has_tokenizer(source.llm) else None,
         FRAMES_KEY: source.settings.get("num_video_frames"),
         "fps": source.settings.get("fps"),
@@ -108,7 +108,7 @@ def write_checkpoint_from_staging(
 
     staging = Path(staging)
     meta = json.loads((staging / _META).read_text(encoding="utf-8"))
-    cfg = LongVILAConfig.from_dict(meta["train_state"][CONFIG_KEY])
+    cfg = LongVILAConfig.from_dict(meta["train_state"][MODEL_CONFIG_KEY])
     if parallel_state.model_parallel_is_initialized():
         raise ConversionError(
             "megatron's parallel state is already initialized; convert in a process of its own"

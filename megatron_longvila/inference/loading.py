@@ -44,6 +44,9 @@ from megatron_longvila.models.hf_mapping import load_full_state
 from megatron_longvila.models.longvila import LongVILAModel
 from megatron_longvila.models.longvila_step import build_longvila_model
 from megatron_longvila.training.checkpointing import (
+    CHAT_TEMPLATE_KEY,
+    MODEL_CONFIG_KEY,
+    TOKENIZER_KEY,
     TRAIN_STATE,
     CheckpointError,
     CheckpointManager,
@@ -52,10 +55,6 @@ from megatron_longvila.training.checkpointing import (
 from megatron_longvila.training.config import ModelSection
 from megatron_longvila.training.config_io import ConfigError, from_dict
 
-#: Keys of ``train_state.json`` that inference reads (see :func:`inference_metadata`).
-MODEL_CONFIG_KEY = "model_config"
-TOKENIZER_KEY = "tokenizer_path"
-CHAT_TEMPLATE_KEY = "chat_template"
 #: The trainer's key for its whole training config in ``train_state.json``.
 TRAIN_CONFIG_KEY = "config"
 
