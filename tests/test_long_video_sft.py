@@ -10,7 +10,9 @@ models have random weights, so captions are gibberish; the text model of the mai
 a fixed text through its own generation config (``tiny_generators``), so the QA path runs on a
 real ``generate`` and its parse is checked; a babbling text model checks the fallback. A plug-in
 captioner ("py:" spec, loaded in the worker processes) that kills its process checks that the
-videos in flight are reported and the build goes on.
+videos in flight are reported and the build goes on. A tiny LongVILA checkpoint as captioner
+("longvila:" spec) must record exactly the captions ``Generator.generate`` gives for the same
+frames and prompts on a separately loaded model.
 """
 
 from __future__ import annotations
@@ -32,11 +34,8 @@ import numpy as np
 import pytest
 import torch
 from data_fixtures import data_config, scratch_dir, tiny_tokenizer_dir
-from longvila_checkpoints import save_tiny_longvila_checkpoint
 from tiny_generators import save_tiny_text_model, save_tiny_vlm
 
-from megatron_longvila.core.parallel_state import MMSPTopology, initialize_mmsp
-from megatron_longvila.data.chat_template import all_template_markers
 from megatron_longvila.data.loader import build_train_loader
 from megatron_longvila.data.long_video_sft.annotate import (
     AnnotationConfig,
@@ -62,12 +61,8 @@ from megatron_longvila.data.long_video_sft.result_cache import ResultCache, vide
 from megatron_longvila.data.long_video_sft.scenes import FrameDifferences, detect_cuts
 from megatron_longvila.data.long_video_sft.text_generators import HFTextGenerator
 from megatron_longvila.data.synthetic import SyntheticVideoSpec, write_synthetic_video
-from megatron_longvila.data.tokenizer import load_tokenizer
 from megatron_longvila.data.video import decode_frames, probe_video
 from megatron_longvila.data.vision_transform import decode_image, to_tower_input
-from megatron_longvila.inference import Generator, load_model_for_inference
-from megatron_longvila.training.checkpointing import CheckpointError
-from megatron_longvila.training.config import SIGLIP_MEAN_STD
 
 FPS, FRAMES = 8, 64
 # One second of minimum clip length = 8 frames; analysis at 4 fps compares every 2nd frame.
@@ -221,6 +216,8 @@ def test_templates_are_overridable_and_checked(tmp_path):
 
 
 def test_captioner_specs(tmp_path):
+    from megatron_longvila.training.checkpointing import CheckpointError
+
     assert parse_captioner_spec("longvila:/checkpoints/run1") == ("longvila", "/checkpoints/run1")
     # A bad checkpoint path fails before the captioner starts a process group.
     with pytest.raises(CheckpointError, match=f"checkpoint path {tmp_path / 'x'} does not exist"):
@@ -555,6 +552,10 @@ def test_command_line_builds_with_a_plugin_captioner(tmp_path, capsys):
 
 
 def save_longvila(root: str, tokenizer_dir: str) -> None:
+    from longvila_checkpoints import save_tiny_longvila_checkpoint
+
+    from megatron_longvila.core.parallel_state import MMSPTopology, initialize_mmsp
+
     initialize_mmsp(MMSPTopology())
     save_tiny_longvila_checkpoint(root, tokenizer_dir)
 
@@ -565,6 +566,12 @@ def longvila_reference_captions(
     """Greedy ``Generator.generate`` of the checkpoint at ``root`` for each (frames as PNG
     files, prompt): the frames take the training pipeline's image path (``decode_image``:
     scaled to the tower, padded), normalized with the SigLIP mean/std the trainer uses."""
+    from megatron_longvila.core.parallel_state import MMSPTopology, initialize_mmsp
+    from megatron_longvila.data.chat_template import all_template_markers
+    from megatron_longvila.data.tokenizer import load_tokenizer
+    from megatron_longvila.inference import Generator, load_model_for_inference
+    from megatron_longvila.training.config import SIGLIP_MEAN_STD
+
     initialize_mmsp(MMSPTopology())
     model, source = load_model_for_inference(root)
     tokenizer = load_tokenizer(source.tokenizer_path, all_template_markers())
@@ -608,12 +615,17 @@ def _caption_inputs(video: Path, clips: list[dict]) -> list[tuple[list[bytes], s
     return inputs
 
 
-def test_longvila_checkpoint_captions_like_the_generator(tmp_path, rank_pools, capsys):
-    # Reference: Generator.generate in another process on the same frames and prompts, the
-    # frames scaled and normalized by the training pipeline's image path; captions must be
-    # equal strings. Under test: the command line with --captioner longvila:ROOT, one worker
-    # process, which starts its own one-rank layout. Video sizes: 42x32 is the tiny tower's
-    # (42 px) scale already, 64x48 must be scaled to it.
+def build_with_longvila(argv: list[str]) -> int:
+    """The command line in a process that already has a one-rank process group (workers=0:
+    the captioner initializes the model-parallel layout on it)."""
+    return _build_tool().main(argv)
+
+
+def test_longvila_checkpoint_captions_like_the_generator(tmp_path, rank_pools):
+    # Reference: Generator.generate on a separately loaded model, given the same frames and
+    # prompts, the frames scaled and normalized by the training pipeline's image path; captions
+    # must be equal strings. Under test: the command line with --captioner longvila:ROOT.
+    # Video sizes: 42x32 is the tiny tower's (42 px) scale already, 64x48 must be scaled to it.
     pool = rank_pools(1)
     root = tmp_path / "checkpoints"
     pool.run(save_longvila, str(root), str(tiny_tokenizer_dir()))
@@ -623,13 +635,14 @@ def test_longvila_checkpoint_captions_like_the_generator(tmp_path, rank_pools, c
             num_frames=FRAMES, width=width, height=height, fps=FPS, texture=8, scene_starts=cuts
         )
         write_synthetic_video(tmp_path / "videos" / name, spec)
-    argv = [str(tmp_path / "videos"), str(tmp_path / "out"), "--workers", "1", "--no-progress"]
+    argv = [str(tmp_path / "videos"), str(tmp_path / "out"), "--workers", "0", "--no-progress"]
     argv += ["--captioner", f"longvila:{root}", "--text-model", str(models()["qa_lm"])]
     argv += ["--min-clip-s", "1", "--analysis-fps", "4", "--frames-per-clip", "2"]
     argv += ["--caption-tokens", str(ANNOTATION.caption_tokens)]
     argv += ["--summary-tokens", "40", "--qa-tokens", "40", "--num-questions", "1"]
-    assert _build_tool().main(argv) == 0
-    assert "2 videos: 2 annotated, 0 finished before, 0 failed" in capsys.readouterr().out
+    assert pool.run(build_with_longvila, argv) == [0]
+    report = json.loads((tmp_path / "out.work" / "report.json").read_text())
+    assert report["annotated"] == sorted(videos) and report["failed"] == []
 
     samples = _shard_samples(tmp_path / "out")
     assert sorted(samples) == sorted(video_key(v) for v in videos)
