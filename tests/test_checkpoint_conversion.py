@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from megatron_longvila.convert import ConversionError, HFSource, hf_to_megatron, megatron_to_hf
 from megatron_longvila.convert.safetensors_io import read_safetensors
 from megatron_longvila.models.config import LLMConfig, LongVILAConfig, VisionConfig
-from megatron_longvila.training.checkpointing import CheckpointError
+from megatron_longvila.training.checkpointing import MODEL_CONFIG_KEY, CheckpointError
 
 VISION = VisionConfig.preset("tiny", pooling_head=True)  # 3 layers, select -2: 1 never runs
 SETTINGS = {"image_token_id": 248, "video_token_id": 249, "vocab_pad_multiple": 64}
@@ -141,7 +141,7 @@ def evaluate_checkpoint(root: str, tp: int, pp: int) -> dict:
     initialize_mmsp(MMSPTopology(tp=tp, pp=pp))
     manager = CheckpointManager(root)
     state = json.loads((manager.latest_dir() / "train_state.json").read_text())
-    cfg = LongVILAConfig.from_dict(state["longvila_config"])
+    cfg = LongVILAConfig.from_dict(state[MODEL_CONFIG_KEY])
     (model,) = build_longvila_model(cfg)
     model.load_state_dict(manager.load({"model": model.sharded_state_dict()}).sharded["model"])
     model.eval()
@@ -306,9 +306,7 @@ def load_in_memory_and_compare(hf_folder: str, root: str, tp: int, pp: int) -> d
     initialize_mmsp(MMSPTopology(tp=tp, pp=pp))
     source = HFSource.from_folder(hf_folder)
     cfg = LongVILAConfig.from_dict(
-        json.loads((Path(root) / "iter_0000000" / "train_state.json").read_text())[
-            "longvila_config"
-        ]
+        json.loads((Path(root) / "iter_0000000" / "train_state.json").read_text())[MODEL_CONFIG_KEY]
     )
     (in_memory,) = build_longvila_model(cfg, seed=1)
     load_hf_into_model(in_memory, source)

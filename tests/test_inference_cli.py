@@ -1,9 +1,9 @@
 """``longvila-generate`` end to end: a checkpoint, a video file, torchrun, an answer.
 
 Setup: a tiny LongVILA model whose vocabulary is a locally trained tokenizer's, saved as the
-trainer saves it (``CheckpointManager``, state under ``model``, the training config — model
-section, tokenizer path, chat template — in ``train_state.json``; nothing written for inference),
-and a synthetic 48-frame H.264 video with a needle frame.
+trainer saves it (``longvila_checkpoints``: ``CheckpointManager``, state under ``model``, the
+training config — model section, tokenizer path, chat template — in ``train_state.json``;
+nothing written for inference), and a synthetic 48-frame H.264 video with a needle frame.
 Under test: ``python -m torch.distributed.run --nproc-per-node 2 -m
 megatron_longvila.inference.generate --checkpoint ROOT --video FILE --prompt ... --num-frames 24
 --sp 2`` (two gloo processes; each decodes only its 12 frames).
@@ -24,21 +24,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from longvila_checkpoints import save_tiny_longvila_checkpoint
 
 QUESTION = "What number appears in the video?"
 FRAMES, NEW_TOKENS = 24, 6
-
-
-def _model_config(tokenizer):
-    from megatron_longvila.models.config import LLMConfig, LongVILAConfig
-
-    tiny = LongVILAConfig.preset("tiny")
-    return LongVILAConfig(
-        vision=tiny.vision,
-        llm=LLMConfig.preset("tiny", vocab_size=tokenizer.vocab_size),
-        image_token_id=tokenizer.image_id,
-        video_token_id=tokenizer.video_id,
-    )
 
 
 def save_and_answer(root: str, tokenizer_dir: str, video: str) -> dict | None:
@@ -48,30 +37,10 @@ def save_and_answer(root: str, tokenizer_dir: str, video: str) -> dict | None:
     from megatron.core import parallel_state
 
     from megatron_longvila.convert import megatron_to_hf
-    from megatron_longvila.data.chat_template import all_template_markers
-    from megatron_longvila.data.tokenizer import load_tokenizer
     from megatron_longvila.inference import FrameSettings, Generator, load_model_for_inference
-    from megatron_longvila.models.longvila_step import build_longvila_model
-    from megatron_longvila.training.checkpointing import (
-        CHAT_TEMPLATE_KEY,
-        FRAMES_KEY,
-        MODEL_CONFIG_KEY,
-        TOKENIZER_KEY,
-        CheckpointManager,
-    )
 
     parallel_state.initialize_model_parallel()
-    tokenizer = load_tokenizer(tokenizer_dir, all_template_markers())
-    cfg = _model_config(tokenizer)
-    (model,) = build_longvila_model(cfg, transformer_overrides={"init_method_std": 0.2})
-    train_state = {  # what the trainer records besides its whole config
-        "config": {"model": {"preset": "tiny"}},
-        MODEL_CONFIG_KEY: cfg.to_dict(),
-        TOKENIZER_KEY: tokenizer_dir,
-        CHAT_TEMPLATE_KEY: "qwen2",
-        FRAMES_KEY: FRAMES,
-    }
-    CheckpointManager(root).save(3, {"model": model.sharded_state_dict()}, train_state)
+    model, cfg, tokenizer = save_tiny_longvila_checkpoint(root, tokenizer_dir)
     loaded, source = load_model_for_inference(root)
     assert source.config == cfg, (source.config, cfg)
     for name, tensor in model.state_dict().items():
