@@ -1,9 +1,9 @@
 """``longvila-generate`` end to end: a checkpoint, a video file, torchrun, an answer.
 
 Setup: a tiny LongVILA model whose vocabulary is a locally trained tokenizer's, saved as the
-trainer saves it (``CheckpointManager``, state under ``model``, the training config — model
-section, tokenizer path, chat template — in ``train_state.json``; nothing written for inference),
-and a synthetic 48-frame H.264 video with a needle frame.
+trainer saves it (``longvila_checkpoints``: ``CheckpointManager``, state under ``model``, the
+training config — model section, tokenizer path, chat template — in ``train_state.json``;
+nothing written for inference), and a synthetic 48-frame H.264 video with a needle frame.
 Under test: ``python -m torch.distributed.run --nproc-per-node 2 -m
 megatron_longvila.inference.generate --checkpoint ROOT --video FILE --prompt ... --num-frames 24
 --sp 2`` (two gloo processes; each decodes only its 12 frames).
@@ -24,49 +24,41 @@ import sys
 from pathlib import Path
 
 import pytest
+from longvila_checkpoints import save_tiny_longvila_checkpoint
 
 QUESTION = "What number appears in the video?"
 FRAMES, NEW_TOKENS = 24, 6
 
 
-def _model_config(tokenizer):
-    from megatron_longvila.models.config import LLMConfig, LongVILAConfig
-
-    tiny = LongVILAConfig.preset("tiny")
-    return LongVILAConfig(
-        vision=tiny.vision,
-        llm=LLMConfig.preset("tiny", vocab_size=tokenizer.vocab_size),
-        image_token_id=tokenizer.image_id,
-        video_token_id=tokenizer.video_id,
-    )
-
-
 def save_and_answer(root: str, tokenizer_dir: str, video: str) -> dict | None:
-    """Save the checkpoint (every rank), load it back (same config and weights), then answer
-    with the Python API at SP = 1."""
+    """Save the checkpoint (every rank), load it back (same config and weights), also through
+    the exported Hugging Face folder, then answer with the Python API at SP = 1."""
     import torch
     from megatron.core import parallel_state
 
-    from megatron_longvila.data.chat_template import all_template_markers
-    from megatron_longvila.data.tokenizer import load_tokenizer
+    from megatron_longvila.convert import megatron_to_hf
     from megatron_longvila.inference import FrameSettings, Generator, load_model_for_inference
-    from megatron_longvila.models.longvila_step import build_longvila_model
-    from megatron_longvila.training.checkpointing import CheckpointManager
 
     parallel_state.initialize_model_parallel()
-    tokenizer = load_tokenizer(tokenizer_dir, all_template_markers())
-    cfg = _model_config(tokenizer)
-    (model,) = build_longvila_model(cfg, transformer_overrides={"init_method_std": 0.2})
-    train_config = {  # the parts of the trainer's recorded config that inference reads
-        "model": {"preset": "tiny", "overrides": {"llm": {"vocab_size": tokenizer.vocab_size}}},
-        "data": {"tokenizer_path": tokenizer_dir, "chat_template": "qwen2"},
-    }
-    CheckpointManager(root).save(3, {"model": model.sharded_state_dict()}, {"config": train_config})
+    model, cfg, tokenizer = save_tiny_longvila_checkpoint(root, tokenizer_dir)
     loaded, source = load_model_for_inference(root)
     assert source.config == cfg, (source.config, cfg)
     for name, tensor in model.state_dict().items():
         if isinstance(tensor, torch.Tensor):
             assert torch.equal(loaded.state_dict()[name], tensor), name
+    # The same weights through the Hugging Face folder the converter exports.
+    hf_dir = f"{root}-hf"
+    if torch_rank() == 0:
+        megatron_to_hf(root, hf_dir, progress=False)
+    torch.distributed.barrier()
+    from_hf, hf_source = load_model_for_inference(hf_dir)
+    assert hf_source.kind == "hf" and hf_source.config == cfg, hf_source.config
+    vocab = cfg.llm.vocab_size  # rows past it are vocabulary padding: not exported, zeros
+    for name, tensor in model.state_dict().items():
+        if isinstance(tensor, torch.Tensor):
+            if tensor.shape[:1] == (cfg.llm.padded_vocab_size,):
+                tensor = tensor[:vocab]
+            assert torch.equal(from_hf.state_dict()[name][: len(tensor)], tensor), name
     if torch_rank() != 0:  # the other data-parallel replicas would compute the same
         return None
     generator = Generator(loaded, tokenizer, frames=FrameSettings(num_frames=FRAMES))

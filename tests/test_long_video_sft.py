@@ -10,7 +10,9 @@ models have random weights, so captions are gibberish; the text model of the mai
 a fixed text through its own generation config (``tiny_generators``), so the QA path runs on a
 real ``generate`` and its parse is checked; a babbling text model checks the fallback. A plug-in
 captioner ("py:" spec, loaded in the worker processes) that kills its process checks that the
-videos in flight are reported and the build goes on.
+videos in flight are reported and the build goes on. A tiny LongVILA checkpoint as captioner
+("longvila:" spec) must record exactly the captions ``Generator.generate`` gives for the same
+frames and prompts on a separately loaded model.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -34,9 +37,18 @@ from data_fixtures import data_config, scratch_dir, tiny_tokenizer_dir
 from tiny_generators import save_tiny_text_model, save_tiny_vlm
 
 from megatron_longvila.data.loader import build_train_loader
-from megatron_longvila.data.long_video_sft.annotate import AnnotationConfig, VideoAnnotator
+from megatron_longvila.data.long_video_sft.annotate import (
+    AnnotationConfig,
+    VideoAnnotator,
+    caption_frame_size,
+    clip_frame_indices,
+)
 from megatron_longvila.data.long_video_sft.build import BuildConfig, build_long_video_sft
-from megatron_longvila.data.long_video_sft.captioners import HFVisionCaptioner, load_captioner
+from megatron_longvila.data.long_video_sft.captioners import (
+    HFVisionCaptioner,
+    load_captioner,
+    parse_captioner_spec,
+)
 from megatron_longvila.data.long_video_sft.clips import (
     Clip,
     ClipConfig,
@@ -49,7 +61,8 @@ from megatron_longvila.data.long_video_sft.result_cache import ResultCache, vide
 from megatron_longvila.data.long_video_sft.scenes import FrameDifferences, detect_cuts
 from megatron_longvila.data.long_video_sft.text_generators import HFTextGenerator
 from megatron_longvila.data.synthetic import SyntheticVideoSpec, write_synthetic_video
-from megatron_longvila.data.video import probe_video
+from megatron_longvila.data.video import decode_frames, probe_video
+from megatron_longvila.data.vision_transform import decode_image, to_tower_input
 
 FPS, FRAMES = 8, 64
 # One second of minimum clip length = 8 frames; analysis at 4 fps compares every 2nd frame.
@@ -202,11 +215,15 @@ def test_templates_are_overridable_and_checked(tmp_path):
     )
 
 
-def test_captioner_specs():
-    with pytest.raises(NotImplementedError, match=r"megatron_longvila\.inference"):
-        load_captioner("longvila:/checkpoints/run1")
-    with pytest.raises(NotImplementedError, match=r"megatron_longvila\.inference"):
-        BuildConfig(captioner="longvila:/checkpoints/run1")  # refused before any worker starts
+def test_captioner_specs(tmp_path):
+    from megatron_longvila.training.checkpointing import CheckpointError
+
+    assert parse_captioner_spec("longvila:/checkpoints/run1") == ("longvila", "/checkpoints/run1")
+    # A bad checkpoint path fails before the captioner starts a process group.
+    with pytest.raises(CheckpointError, match=f"checkpoint path {tmp_path / 'x'} does not exist"):
+        load_captioner(f"longvila:{tmp_path / 'x'}")
+    with pytest.raises(ValueError, match="device='meta'"):
+        load_captioner(f"longvila:{tmp_path}", device="meta")
     with pytest.raises(ValueError, match="hf:FOLDER"):
         load_captioner("/models/some-vlm")
     with pytest.raises(ValueError, match="py:MODULE:FACTORY"):
@@ -495,13 +512,19 @@ def test_a_dying_worker_fails_its_videos_and_the_build_goes_on(tmp_path):
     }
 
 
-def test_command_line_builds_with_a_plugin_captioner(tmp_path, capsys):
+def _build_tool():
+    """tools/build_long_video_sft.py as a module (``tool.main(argv)`` runs the command line)."""
     spec = importlib.util.spec_from_file_location(
         "build_long_video_sft",
         Path(__file__).resolve().parents[1] / "tools/build_long_video_sft.py",
     )
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    return tool
+
+
+def test_command_line_builds_with_a_plugin_captioner(tmp_path, capsys):
+    tool = _build_tool()
     _scene_video(tmp_path / "videos" / "v.mp4", (20, 44))
     argv = [str(tmp_path / "videos"), str(tmp_path / "out"), "--workers", "0", "--no-progress"]
     argv += ["--captioner", f"py:{__name__}:brightness_captioner"]
@@ -523,3 +546,120 @@ def test_command_line_builds_with_a_plugin_captioner(tmp_path, capsys):
         {"from": "gpt", "value": "Three."},
     ]
     assert (tmp_path / "out.work" / "report.json").is_file()
+
+
+# ---- a LongVILA checkpoint as captioner -----------------------------------------------------
+
+
+def save_longvila(root: str, tokenizer_dir: str) -> None:
+    from longvila_checkpoints import save_tiny_longvila_checkpoint
+
+    from megatron_longvila.core.parallel_state import MMSPTopology, initialize_mmsp
+
+    initialize_mmsp(MMSPTopology())
+    save_tiny_longvila_checkpoint(root, tokenizer_dir)
+
+
+def longvila_reference_captions(
+    root: str, clips: list[tuple[list[bytes], str]], max_new_tokens: int
+) -> list[str]:
+    """Greedy ``Generator.generate`` of the checkpoint at ``root`` for each (frames as PNG
+    files, prompt): the frames take the training pipeline's image path (``decode_image``:
+    scaled to the tower, padded), normalized with the SigLIP mean/std the trainer uses."""
+    from megatron_longvila.core.parallel_state import MMSPTopology, initialize_mmsp
+    from megatron_longvila.data.chat_template import all_template_markers
+    from megatron_longvila.data.tokenizer import load_tokenizer
+    from megatron_longvila.inference import Generator, load_model_for_inference
+    from megatron_longvila.training.config import SIGLIP_MEAN_STD
+
+    initialize_mmsp(MMSPTopology())
+    model, source = load_model_for_inference(root)
+    tokenizer = load_tokenizer(source.tokenizer_path, all_template_markers())
+    generator = Generator(model, tokenizer, chat_template=source.chat_template)
+    size = model.cfg.vision.image_size
+    captions = []
+    for pngs, prompt in clips:
+        frames = [decode_image(png, size, "pad") for png in pngs]
+        video = to_tower_input(frames, size, "pad", *SIGLIP_MEAN_STD)
+        captions.append(generator.generate(prompt, video, max_new_tokens=max_new_tokens).text)
+    return [c.strip() for c in captions]
+
+
+def _png(frame: torch.Tensor) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(frame.permute(1, 2, 0).numpy()).save(out, format="PNG")
+    return out.getvalue()
+
+
+def _caption_inputs(video: Path, clips: list[dict]) -> list[tuple[list[bytes], str]]:
+    """(frames the builder shows the captioner, caption prompt) of each recorded clip."""
+    data = video.read_bytes()
+    info = probe_video(data)
+    size = caption_frame_size(info, ANNOTATION.caption_max_side)
+    inputs = []
+    for index, recorded in enumerate(clips):
+        clip = Clip(recorded["start_frame"], recorded["end_frame"])
+        frames = decode_frames(data, clip_frame_indices(clip, ANNOTATION.frames_per_clip), size)
+        start, end = clip.seconds(info.fps)
+        prompt = load_templates().render(
+            "caption",
+            start=start,
+            end=end,
+            duration=info.duration_s,
+            index=index,
+            num_clips=len(clips),
+        )
+        inputs.append(([_png(f) for f in frames], prompt))
+    return inputs
+
+
+def build_with_longvila(argv: list[str]) -> int:
+    """The command line in a process that already has a one-rank process group (workers=0:
+    the captioner initializes the model-parallel layout on it)."""
+    return _build_tool().main(argv)
+
+
+def test_longvila_checkpoint_captions_like_the_generator(tmp_path, rank_pools):
+    # Reference: Generator.generate on a separately loaded model, given the same frames and
+    # prompts, the frames scaled and normalized by the training pipeline's image path; captions
+    # must be equal strings. Under test: the command line with --captioner longvila:ROOT.
+    # Video sizes: 42x32 is the tiny tower's (42 px) scale already, 64x48 must be scaled to it.
+    pool = rank_pools(1)
+    root = tmp_path / "checkpoints"
+    pool.run(save_longvila, str(root), str(tiny_tokenizer_dir()))
+    videos = {"tower_size.mp4": (42, 32, (30,)), "larger.mp4": (64, 48, (20, 44))}
+    for name, (width, height, cuts) in videos.items():
+        spec = SyntheticVideoSpec(
+            num_frames=FRAMES, width=width, height=height, fps=FPS, texture=8, scene_starts=cuts
+        )
+        write_synthetic_video(tmp_path / "videos" / name, spec)
+    argv = [str(tmp_path / "videos"), str(tmp_path / "out"), "--workers", "0", "--no-progress"]
+    argv += ["--captioner", f"longvila:{root}", "--text-model", str(models()["qa_lm"])]
+    argv += ["--min-clip-s", "1", "--analysis-fps", "4", "--frames-per-clip", "2"]
+    argv += ["--caption-tokens", str(ANNOTATION.caption_tokens)]
+    argv += ["--summary-tokens", "40", "--qa-tokens", "40", "--num-questions", "1"]
+    assert pool.run(build_with_longvila, argv) == [0]
+    report = json.loads((tmp_path / "out.work" / "report.json").read_text())
+    assert report["annotated"] == sorted(videos) and report["failed"] == []
+
+    samples = _shard_samples(tmp_path / "out")
+    assert sorted(samples) == sorted(video_key(v) for v in videos)
+    recorded, inputs = [], []
+    for name, (_, _, cuts) in videos.items():
+        clips = samples[video_key(name)]["clips"]
+        assert len(clips) == len(cuts) + 1, name
+        recorded += [c["caption"] for c in clips]
+        inputs += _caption_inputs(tmp_path / "videos" / name, clips)
+    (reference,) = pool.run(
+        longvila_reference_captions, str(root), inputs, ANNOTATION.caption_tokens
+    )
+    assert recorded == reference
+    assert any(reference), "the random model should not end every caption at once"
+
+    config = data_config(tmp_path / "out", max_seq_length=512, micro_batch_size=1)
+    loader = build_train_loader(config, dp_rank=0, dp_size=1)
+    keys = [key for batch in loader for row in batch.keys for key in row]
+    assert sorted(keys) == sorted(video_key(v) for v in videos)
+    assert sum(loader.issue_counts().values()) == 0

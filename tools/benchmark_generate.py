@@ -22,14 +22,14 @@ Writes ``benchmark_generate.json`` and ``benchmark_generate.md``::
 from __future__ import annotations
 
 import argparse
-import json
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from megatron_longvila.benchmarks.sp_sweep import run_sweep
 
 
 @dataclass(frozen=True)
@@ -178,38 +178,9 @@ def _parse() -> tuple[Settings, int, Path]:
     return settings, a.world, a.out
 
 
-def _write(rows, settings: Settings, world: int, out: Path) -> None:
-    backend = "CUDA/NCCL" if torch.cuda.is_available() else "CPU/gloo"
-    device = f"{world} ranks, {backend}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark_generate.json").write_text(
-        json.dumps({"settings": asdict(settings), "device": device, "rows": rows}, indent=2)
-    )
-    table = markdown_table(rows, settings, device)
-    (out / "benchmark_generate.md").write_text(table)
-    print(table)
-
-
 def main() -> None:
     settings, world, out = _parse()
-    if "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank
-        from megatron_longvila.core import platform
-
-        platform.adapt_megatron_for_cpu()
-        platform.init_distributed()
-        rows = run_all(settings, lambda fn, *args: [fn(*args)])  # rank 0 reports every row
-        if dist.get_rank() == 0:
-            _write(rows, settings, dist.get_world_size(), out)
-        dist.destroy_process_group()
-        return
-    from megatron_longvila.testing import RankPool
-
-    for sp in settings.sp_degrees:
-        if world % sp:
-            raise SystemExit(f"--world {world} is not a multiple of sp {sp}")
-    with RankPool(world) as pool:
-        rows = run_all(settings, pool.run)
-    _write(rows, settings, world, out)
+    run_sweep("benchmark_generate", settings, world, out, run_all, markdown_table)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--captioner",
         required=True,
-        help="hf:FOLDER (Hugging Face vision-language model) or py:MODULE:FACTORY (plug-in)",
+        help="hf:FOLDER (Hugging Face vision-language model), longvila:CHECKPOINT (a LongVILA\n"
+        "checkpoint: trainer save root, iter_* or HF LongVILA folder) or py:MODULE:FACTORY",
     )
     p.add_argument("--text-model", required=True, help="Hugging Face causal LM folder")
     p.add_argument("--templates", default=None, help="folder with caption/summary/qa.txt")

@@ -6,7 +6,8 @@
 ``crop``: scale so the shorter side equals ``image_size``, then cut the centre square.
 
 Scaling happens while decoding (swscale for video frames, PIL for images), so only the small
-frame is converted to float.
+frame is converted to float; frames decoded at another size are scaled by :func:`scale_frames`
+(PIL, as images are).
 """
 
 from __future__ import annotations
@@ -87,14 +88,38 @@ def to_tower_input(
     return out
 
 
+def _scale_rgb(rgb, image_size: int, mode: str):
+    """A PIL RGB image scaled for ``mode`` (bilinear)."""
+    from PIL import Image
+
+    return rgb.resize(scaled_size(*rgb.size, image_size, mode), Image.Resampling.BILINEAR)
+
+
+def scale_frames(frames: Sequence[torch.Tensor], image_size: int, mode: str) -> list[torch.Tensor]:
+    """uint8 frames [3, h, w] of any size -> uint8 [3, h', w'] scaled by :func:`scaled_size`
+    (bilinear, as :func:`decode_image` scales images), ready for :func:`to_tower_input`. Frames
+    already at that size are returned as they are."""
+    from PIL import Image
+
+    scaled = []
+    for frame in frames:
+        _, h, w = frame.shape
+        if scaled_size(w, h, image_size, mode) == (w, h):
+            scaled.append(frame)
+            continue
+        rgb = Image.fromarray(frame.permute(1, 2, 0).contiguous().numpy())
+        array = np.asarray(_scale_rgb(rgb, image_size, mode)).copy()
+        scaled.append(torch.from_numpy(array).permute(2, 0, 1))
+    return scaled
+
+
 def decode_image(data: bytes, image_size: int, mode: str) -> torch.Tensor:
     """Decode an encoded image (jpg/png/...) and scale it for ``mode`` -> uint8 [3, h, w]."""
     from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as img:
-            rgb = img.convert("RGB")
-            rgb = rgb.resize(scaled_size(*rgb.size, image_size, mode), Image.Resampling.BILINEAR)
+            rgb = _scale_rgb(img.convert("RGB"), image_size, mode)
     except Exception as exc:
         raise ImageDecodeError(f"cannot decode image: {type(exc).__name__}: {exc}") from exc
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)

@@ -13,11 +13,10 @@
 
 Megatron checkpoints load into any tensor-parallel / MM-SP layout (megatron-core reshards on
 load). The architecture comes from the checkpoint's ``train_state.json`` unless the caller passes
-a :class:`~megatron_longvila.models.config.LongVILAConfig`: key :data:`MODEL_CONFIG_KEY` (written
-by :func:`inference_metadata`), or else the training config the trainer records there (key
-:data:`TRAIN_CONFIG_KEY`: its ``model`` section, with the ``<image>``/``<video>`` ids of its
-tokenizer, as the trainer builds it). So do the tokenizer and chat template, which only the
-generation front end (CLI, :class:`~.generator.Generator`) needs. The dict nesting of the saved
+a :class:`~megatron_longvila.models.config.LongVILAConfig`: key :data:`MODEL_CONFIG_KEY`, the
+resolved architecture the trainer (and :func:`inference_metadata`) records. So do the tokenizer
+and chat template, which only the generation front end (CLI, :class:`~.generator.Generator`)
+needs. The dict nesting of the saved
 state (the trainer's ``{"model": ...}``) does not matter: dist checkpoints store tensors by their
 sharded keys.
 
@@ -28,7 +27,6 @@ before megatron-core reads it.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,27 +35,19 @@ from typing import Any
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 
-from megatron_longvila.data.chat_template import all_template_markers
-from megatron_longvila.data.tokenizer import load_tokenizer
 from megatron_longvila.models.config import LongVILAConfig
 from megatron_longvila.models.hf_mapping import load_full_state
 from megatron_longvila.models.longvila import LongVILAModel
 from megatron_longvila.models.longvila_step import build_longvila_model
 from megatron_longvila.training.checkpointing import (
+    CHAT_TEMPLATE_KEY,
+    MODEL_CONFIG_KEY,
+    TOKENIZER_KEY,
     TRAIN_STATE,
     CheckpointError,
     CheckpointManager,
     verify_checkpoint_metadata,
 )
-from megatron_longvila.training.config import ModelSection
-from megatron_longvila.training.config_io import ConfigError, from_dict
-
-#: Keys of ``train_state.json`` that inference reads (see :func:`inference_metadata`).
-MODEL_CONFIG_KEY = "model_config"
-TOKENIZER_KEY = "tokenizer_path"
-CHAT_TEMPLATE_KEY = "chat_template"
-#: The trainer's key for its whole training config in ``train_state.json``.
-TRAIN_CONFIG_KEY = "config"
 
 HF_PARTS = ("llm", "vision_tower", "mm_projector")
 
@@ -115,8 +105,6 @@ def resolve_checkpoint(path: str | Path) -> CheckpointSource:
         directory = latest
     state_file = directory / TRAIN_STATE
     state = json.loads(state_file.read_text(encoding="utf-8")) if state_file.is_file() else {}
-    if MODEL_CONFIG_KEY not in state and TRAIN_CONFIG_KEY in state:
-        return _training_source(directory, state[TRAIN_CONFIG_KEY])
     config = state.get(MODEL_CONFIG_KEY)
     return CheckpointSource(
         kind="megatron",
@@ -124,29 +112,6 @@ def resolve_checkpoint(path: str | Path) -> CheckpointSource:
         config=None if config is None else LongVILAConfig.from_dict(config),
         tokenizer_path=state.get(TOKENIZER_KEY),
         chat_template=state.get(CHAT_TEMPLATE_KEY),
-    )
-
-
-def _training_source(directory: Path, train_config: dict[str, Any]) -> CheckpointSource:
-    """A trainer's checkpoint: the architecture of its config's ``model`` section, with the
-    placeholder ids of its tokenizer when that is still at the recorded path."""
-    data = train_config.get("data") or {}
-    tokenizer_path = data.get("tokenizer_path")
-    try:
-        config = from_dict(ModelSection, train_config.get("model") or {}, "model").build()
-    except (ConfigError, ValueError) as exc:
-        raise CheckpointError(f"{directory / TRAIN_STATE}: {exc}") from None
-    if tokenizer_path is not None and Path(tokenizer_path).exists():
-        tokenizer = load_tokenizer(tokenizer_path, all_template_markers())
-        config = dataclasses.replace(
-            config, image_token_id=tokenizer.image_id, video_token_id=tokenizer.video_id
-        )
-    return CheckpointSource(
-        kind="megatron",
-        directory=directory,
-        config=config,
-        tokenizer_path=tokenizer_path,
-        chat_template=data.get("chat_template"),
     )
 
 

@@ -39,6 +39,14 @@ from safetensors.torch import load_file, save_file
 
 LATEST = "latest"
 TRAIN_STATE = "train_state.json"
+#: ``train_state.json`` entries that describe the model without the training config, read by
+#: inference and the converter: the resolved architecture (``LongVILAConfig.to_dict()``, with
+#: the tokenizer's media token ids), the tokenizer folder or file, the chat template and the
+#: frames per video it was trained with.
+MODEL_CONFIG_KEY = "model_config"
+TOKENIZER_KEY = "tokenizer_path"
+CHAT_TEMPLATE_KEY = "chat_template"
+FRAMES_KEY = "num_video_frames"
 PARTIAL_SUFFIX = ".partial"
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 

@@ -16,6 +16,7 @@ import random
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,14 @@ from megatron_longvila.data.loader import TrainLoader, build_train_loader
 from megatron_longvila.data.tokenizer import TextTokenizer, load_tokenizer
 from megatron_longvila.models.config import LongVILAConfig
 from megatron_longvila.models.longvila_step import build_longvila_model, forward_step
-from megatron_longvila.training.checkpointing import CheckpointError, CheckpointManager
+from megatron_longvila.training.checkpointing import (
+    CHAT_TEMPLATE_KEY,
+    FRAMES_KEY,
+    MODEL_CONFIG_KEY,
+    TOKENIZER_KEY,
+    CheckpointError,
+    CheckpointManager,
+)
 from megatron_longvila.training.config import TrainConfig, load_train_config
 from megatron_longvila.training.config_io import ConfigError, to_dict
 from megatron_longvila.training.run_logger import RunLogger
@@ -217,6 +225,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
         config.data.tokenizer_path, get_template(config.data.chat_template).markers
     )
     arch = architecture_for(config, tokenizer)
+    described = {  # what inference and the converter need, without the training config
+        MODEL_CONFIG_KEY: arch.to_dict(),
+        TOKENIZER_KEY: str(Path(config.data.tokenizer_path).resolve()),
+        CHAT_TEMPLATE_KEY: config.data.chat_template,
+        FRAMES_KEY: config.data.num_frames,
+    }
     dtype = precision_of(config)
     model = build_model(config, arch, dtype)
     optimizer, scheduler = build_optimizer(config, model, dtype)
@@ -312,7 +326,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             checkpoints.save(
                 step,
                 sharded_state(model, optimizer),
-                {"scheduler": scheduler.state_dict(), "config": to_dict(config)},
+                {"scheduler": scheduler.state_dict(), "config": to_dict(config), **described},
                 tensors,
                 meta,
             )

@@ -7,6 +7,7 @@ annotate         one video -> clips, captions, summary, QA (AnnotationConfig, Vi
 clips            clip boundaries: scene cuts with min/max length, fixed-length fallback
 scenes           scene cuts by grayscale frame difference
 captioners       Captioner protocol; Hugging Face vision-language folders; plug-ins
+longvila_captioner  a LongVILA checkpoint as captioner (MM-SP generation on one rank)
 text_generators  TextGenerator protocol; Hugging Face causal LM folders
 prompts          the editable prompt templates (templates/*.txt)
 qa_format        captions listed for prompts; parsing of "Q: ... / A: ..." output

@@ -10,7 +10,9 @@ its captioner by a spec string (:func:`load_captioner`), loaded once in every wo
   ``generation_config.json``.
 * "py:MODULE:FACTORY", a plug-in: ``MODULE.FACTORY(device=..., dtype=...)`` is called and must
   return a :class:`Captioner` (``MODULE`` importable in the worker processes).
-* "longvila:CHECKPOINT", our own LongVILA model: reserved, see :func:`parse_captioner_spec`.
+* "longvila:CHECKPOINT", :class:`~.longvila_captioner.LongVILACaptioner`: our own LongVILA
+  model from a checkpoint (a trainer's save root, an ``iter_*`` folder, a dist checkpoint or a
+  Hugging Face LongVILA folder), one greedy MM-SP generation per clip on a one-rank layout.
 """
 
 from __future__ import annotations
@@ -80,26 +82,13 @@ CAPTIONER_SPECS = "'hf:FOLDER', 'py:MODULE:FACTORY', 'longvila:CHECKPOINT'"
 
 def parse_captioner_spec(spec: str) -> tuple[str, str]:
     """(kind, target) of "hf:FOLDER", "py:MODULE:FACTORY" or "longvila:CHECKPOINT"; raises
-    ``ValueError`` for anything else.
-
-    "longvila" is meant to caption with our own model through the MM-SP generation API of
-    ``megatron_longvila.inference`` (checkpoint -> model, then one generation per clip with the
-    clip's frames as the video and the prompt as text). This version has no such API yet, so it
-    raises ``NotImplementedError``; meanwhile a "py:" plug-in can wrap any generation code.
-    """
+    ``ValueError`` for anything else."""
     kind, sep, target = spec.partition(":")
     if not sep or kind not in CAPTIONER_KINDS or not target:
         raise ValueError(f"captioner {spec!r} must be one of {CAPTIONER_SPECS}")
     module, _, factory = target.rpartition(":")
     if kind == "py" and not (module and factory.isidentifier()):
         raise ValueError(f"captioner {spec!r}: a plug-in is named 'py:MODULE:FACTORY'")
-    if kind == "longvila":
-        raise NotImplementedError(
-            f"captioner {spec!r}: captioning with a LongVILA checkpoint needs the MM-SP "
-            "generation API of megatron_longvila.inference, which this version does not have; "
-            "use a Hugging Face vision-language folder ('hf:FOLDER') or a plug-in "
-            "('py:MODULE:FACTORY')"
-        )
     return kind, target
 
 
@@ -109,6 +98,11 @@ def load_captioner(spec: str, device: str = "cpu", dtype: str | None = None) -> 
     kind, target = parse_captioner_spec(spec)
     if kind == "hf":
         return HFVisionCaptioner(target, device=device, dtype=dtype)
+    if kind == "longvila":
+        # Imported here: megatron-core and the model are needed only by this captioner.
+        from megatron_longvila.data.long_video_sft.longvila_captioner import LongVILACaptioner
+
+        return LongVILACaptioner(target, device=device, dtype=dtype)
     module, _, factory = target.rpartition(":")
     captioner = getattr(importlib.import_module(module), factory)(device=device, dtype=dtype)
     if not callable(getattr(captioner, "caption", None)):

@@ -1,0 +1,198 @@
+"""Read Hugging Face weights: a LongVILA folder, or a plain LLM folder + a plain SigLIP folder.
+
+A LongVILA folder (what :func:`~.hf_export.write_longvila_folder` writes, and the layout of
+LongVILA releases) has ``llm/``, ``vision_tower/``, ``mm_projector/`` and a top-level
+``config.json``. Plain folders are what ``save_pretrained`` writes for a ``Qwen2ForCausalLM`` /
+``LlamaForCausalLM`` and for a ``SiglipVisionModel`` (or a whole ``SiglipModel``, whose text
+tower is ignored); the projector is then given separately or freshly initialized.
+
+What the parts' own configs do not say comes from :attr:`HFSource.settings` (top-level
+``config.json`` keys, overridable): ``image_token_id`` / ``video_token_id`` (else looked up in
+the LLM folder's tokenizer the way the data pipeline registers ``<image>`` / ``<video>``),
+``mm_vision_select_layer`` (-2), ``vocab_pad_multiple`` (128), ``max_seq_length``,
+``token_order`` (of the projector; else its config's, else row-major).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_longvila.convert.parts import state_from_hf_parts
+from megatron_longvila.convert.safetensors_io import read_safetensors
+from megatron_longvila.models.config import LongVILAConfig, ProjectorConfig
+from megatron_longvila.models.hf_mapping import (
+    ConversionError,
+    llm_config_from_hf,
+    projector_state_to_hf,
+    vision_config_from_hf,
+)
+
+LLM_DIR, VISION_DIR, PROJECTOR_DIR = "llm", "vision_tower", "mm_projector"
+TOP_CONFIG = "config.json"
+PROJECTOR_TYPE = "mlp_downsample"
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConversionError(f"{path} does not exist")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@dataclass
+class HFSource:
+    """Where Hugging Face weights come from (see the module docstring)."""
+
+    llm: Path
+    vision_tower: Path
+    mm_projector: Path | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, **overrides: Any) -> HFSource:
+        """A LongVILA folder; ``overrides`` (None values ignored) replace top-level settings."""
+        folder = Path(folder)
+        settings = read_json(folder / TOP_CONFIG)
+        for part in (LLM_DIR, VISION_DIR):
+            if not (folder / part).is_dir():
+                raise ConversionError(f"{folder} is not a LongVILA folder: no {part}/ in it")
+        projector = folder / PROJECTOR_DIR
+        return cls.from_parts(
+            folder / LLM_DIR,
+            folder / VISION_DIR,
+            projector if projector.is_dir() else None,
+            **{**settings, **overrides},
+        )
+
+    @classmethod
+    def from_parts(
+        cls,
+        llm: str | Path,
+        vision_tower: str | Path,
+        mm_projector: str | Path | None = None,
+        **settings: Any,
+    ) -> HFSource:
+        """Plain folders; ``settings`` as in a top-level config.json (None values ignored)."""
+        return cls(
+            Path(llm),
+            Path(vision_tower),
+            Path(mm_projector) if mm_projector is not None else None,
+            {k: v for k, v in settings.items() if v is not None},
+        )
+
+
+def _siglip_vision_config(folder: Path) -> Any:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    return config.vision_config if config.model_type == "siglip" else config
+
+
+def _projector_config(source: HFSource) -> ProjectorConfig:
+    values = read_json(source.mm_projector / TOP_CONFIG) if source.mm_projector else {}
+    kind = values.get("mm_projector_type", PROJECTOR_TYPE)
+    if kind != PROJECTOR_TYPE:
+        raise ConversionError(
+            f"{source.mm_projector}: mm_projector_type {kind!r} is not {PROJECTOR_TYPE!r}"
+        )
+    known = {k: values[k] for k in ("token_order", "layer_norm_eps") if k in values}
+    if "token_order" in source.settings:
+        known["token_order"] = source.settings["token_order"]
+    return ProjectorConfig(**known)
+
+
+def _media_token_ids(source: HFSource) -> tuple[int, int]:
+    settings = source.settings
+    if "image_token_id" in settings and "video_token_id" in settings:
+        return int(settings["image_token_id"]), int(settings["video_token_id"])
+    from megatron_longvila.data.tokenizer import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(source.llm)
+    except (OSError, ValueError) as error:
+        raise ConversionError(
+            f"the ids of <image>/<video> are not given (image_token_id, video_token_id) and "
+            f"{source.llm} holds no usable tokenizer: {error}"
+        ) from None
+    return tokenizer.image_id, tokenizer.video_id
+
+
+def _check_agrees(settings: dict[str, Any], cfg: LongVILAConfig) -> None:
+    """Top-level values that repeat a part's config must equal it (an edited copy is an error)."""
+    derived = {
+        "hidden_size": cfg.llm.hidden_size,
+        "mm_hidden_size": cfg.vision.hidden_size,
+        "image_size": cfg.vision.image_size,
+    }
+    for key, value in derived.items():
+        if key in settings and settings[key] != value:
+            raise ConversionError(
+                f"top-level config: {key} = {settings[key]!r}, but the part's config says {value!r}"
+            )
+
+
+def read_longvila_config(source: HFSource) -> LongVILAConfig:
+    """The architecture described by ``source`` (see the module docstring)."""
+    from transformers import AutoConfig
+
+    settings = source.settings
+    llm_hf = AutoConfig.from_pretrained(str(source.llm), local_files_only=True)
+    pad = {k: settings[k] for k in ("vocab_pad_multiple",) if k in settings}
+    select = settings.get("mm_vision_select_layer", -2)
+    image_id, video_id = _media_token_ids(source)
+    cfg = LongVILAConfig(
+        vision=vision_config_from_hf(_siglip_vision_config(source.vision_tower), select),
+        projector=_projector_config(source),
+        llm=llm_config_from_hf(llm_hf, **pad),
+        image_token_id=image_id,
+        video_token_id=video_id,
+        max_seq_length=settings.get("max_seq_length"),
+    )
+    _check_agrees(settings, cfg)
+    return cfg
+
+
+def _vision_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """SigLIP vision weights; of a whole ``SiglipModel`` only its ``vision_model.*``."""
+    tensors = read_safetensors(folder)
+    if any(name.startswith("text_model.") for name in tensors):
+        tensors = {k: v for k, v in tensors.items() if k.startswith("vision_model.")}
+    return tensors
+
+
+def fresh_projector_tensors(cfg: LongVILAConfig, seed: int) -> dict[str, torch.Tensor]:
+    """A newly initialized projector (torch's default init from ``seed``), in VILA's names.
+
+    Drawn here, not by the model builder, so that every parallel layout starts from the same one.
+    """
+    from megatron_longvila.models.projector import MLPDownsampleProjector
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        projector = MLPDownsampleProjector(
+            cfg.projector, cfg.vision.hidden_size, cfg.llm.hidden_size
+        )
+    return projector_state_to_hf(
+        projector.state_dict(), cfg.vision.hidden_size, cfg.llm.hidden_size
+    )
+
+
+def read_longvila_weights(
+    source: HFSource, cfg: LongVILAConfig, projector_seed: int = 1234
+) -> dict[str, torch.Tensor]:
+    """Every tensor of the model (module names, TP=1 layout) from ``source``, converted for
+    ``cfg``; a fresh projector from ``projector_seed`` when the source has none."""
+    parts = {
+        "llm": read_safetensors(source.llm),
+        "vision_tower": _vision_tensors(source.vision_tower),
+        "mm_projector": (
+            read_safetensors(source.mm_projector)
+            if source.mm_projector is not None
+            else fresh_projector_tensors(cfg, projector_seed)
+        ),
+    }
+    return state_from_hf_parts(parts, cfg)

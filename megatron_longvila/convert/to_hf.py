@@ -1,0 +1,84 @@
+"""Megatron dist checkpoint (any TP/PP/SP layout) → LongVILA Hugging Face folder.
+
+Runs in one process without a process group: the checkpoint's tensors are read whole
+(:mod:`.megatron_source`), converted by ``hf_mapping`` and written by :mod:`.hf_export`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+from megatron_longvila.convert.hf_export import check_tokenizer, write_longvila_folder
+from megatron_longvila.convert.megatron_source import (
+    architecture_from_train_state,
+    frames_from_train_state,
+    read_model_tensors,
+    read_train_state,
+    resolve_checkpoint_dir,
+    tokenizer_from_train_state,
+)
+from megatron_longvila.convert.outputs import check_output, prepare_output
+from megatron_longvila.convert.parts import hf_parts_from_state
+from megatron_longvila.convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES
+from megatron_longvila.data.config import DataConfig
+from megatron_longvila.models.config import LongVILAConfig
+from megatron_longvila.models.hf_mapping import ConversionError
+
+_DEFAULT_FRAMES = next(f.default for f in fields(DataConfig) if f.name == "num_frames")
+
+
+def megatron_to_hf(
+    checkpoint: str | Path,
+    output: str | Path,
+    *,
+    config: LongVILAConfig | None = None,
+    tokenizer: str | Path | None = None,
+    skip_tokenizer: bool = False,
+    num_frames: int | None = None,
+    dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    force: bool = False,
+    progress: bool = False,
+) -> Path:
+    """Export ``checkpoint`` (a root or an iteration folder) to the HF folder ``output``.
+
+    ``config`` / ``tokenizer`` / ``num_frames`` default to what the checkpoint's train state
+    records (frames: the data pipeline's default if nothing is recorded); ``dtype`` casts the
+    weights (default: as saved). ``output`` must be empty or missing unless ``force``.
+    Returns the checkpoint folder that was exported.
+    """
+    directory = resolve_checkpoint_dir(checkpoint)
+    state = read_train_state(directory)
+    cfg = config or architecture_from_train_state(state)
+    if cfg is None:
+        raise ConversionError(
+            f"{directory}/train_state.json records no model architecture; give the config"
+        )
+    tokenizer = tokenizer or tokenizer_from_train_state(state)
+    if tokenizer is None and not skip_tokenizer:
+        raise ConversionError(
+            f"{directory} records no tokenizer; give a tokenizer folder or skip the tokenizer"
+        )
+    if not skip_tokenizer:  # a wrong path stops the export before the output is touched
+        check_tokenizer(Path(tokenizer))
+    recorded_frames, fps = frames_from_train_state(state)
+    check_output(output, force, inputs=[directory])
+
+    tensors = read_model_tensors(directory)
+    if dtype is not None:
+        tensors = {name: t.to(dtype) for name, t in tensors.items()}
+    hf_parts = hf_parts_from_state(tensors, cfg)  # shape errors before the output is touched
+    write_longvila_folder(
+        prepare_output(output, force, inputs=[directory]),
+        cfg,
+        hf_parts,
+        tokenizer=None if skip_tokenizer else Path(tokenizer),
+        num_frames=num_frames or recorded_frames or _DEFAULT_FRAMES,
+        fps=fps,
+        max_shard_bytes=max_shard_bytes,
+        progress=progress,
+    )
+    return directory
