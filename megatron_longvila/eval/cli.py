@@ -8,10 +8,10 @@
     torchrun --nproc-per-node 4 -m megatron_longvila.eval caption --checkpoint ... \\
         --items captions.jsonl --judge /models/judge-llm --output captions.json
 
-All ranks serve one prompt at a time with MM-SP (``world = tp × ulysses × ring``; by default
-Ulysses takes every rank left after ``--tp`` and ``--ring``). Rank 0 shows progress and writes the
-JSON; a run started again with the same output resumes where it stopped (``--restart`` starts
-over). Without torchrun it runs as one process.
+All ranks serve one prompt at a time with MM-SP (``world = tp × ulysses × ring``, chosen as
+``longvila-generate`` does: Ulysses inside a node as far as the heads allow, ring across). Rank 0
+shows progress and writes the JSON; a run started again with the same output resumes where it
+stopped (``--restart`` starts over). Without torchrun it runs as one process.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_longvila.core import platform
-from megatron_longvila.core.parallel_state import MMSPTopology, initialize_mmsp
+from megatron_longvila.core.parallel_state import initialize_mmsp
 from megatron_longvila.data.chat_template import TEMPLATES, all_template_markers
 from megatron_longvila.data.tokenizer import load_tokenizer
 from megatron_longvila.data.video import VideoDecodeError
@@ -49,8 +49,9 @@ from megatron_longvila.eval.videomme import (
     load_questions,
     run_videomme,
 )
+from megatron_longvila.inference.generate import choose_topology
 from megatron_longvila.inference.generator import FrameSettings, Generator
-from megatron_longvila.inference.loading import load_model_for_inference
+from megatron_longvila.inference.loading import load_model_for_inference, resolve_checkpoint
 from megatron_longvila.models.config import ConfigError, LongVILAConfig
 from megatron_longvila.training.checkpointing import CheckpointError
 
@@ -74,8 +75,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--model-preset", help="architecture, if the checkpoint records none")
     model.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     model.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    model.add_argument("--ulysses", type=int, help="Ulysses part of sp (default: the rest)")
-    model.add_argument("--ring", type=int, default=1, help="ring part of sp")
+    model.add_argument("--sp", type=int, help="MM-SP degree (default: world size / tp)")
+    model.add_argument("--ulysses", type=int, help="Ulysses part of sp (inside a node)")
+    model.add_argument("--ring", type=int, help="ring part of sp (across nodes)")
     model.add_argument("--num-frames", type=int, default=8, help="frames sampled from a file")
     model.add_argument("--fps", type=float, help="sample at this rate instead (≤ --max-frames)")
     model.add_argument("--max-frames", type=int, default=1024)
@@ -135,16 +137,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_predictor(args: argparse.Namespace) -> GeneratorPredictor:
     """Initialize the layout, load the checkpoint, wrap it as a predictor."""
-    world = dist.get_world_size()
-    ulysses = args.ulysses or max(1, world // (args.tp * args.ring))
-    topology = MMSPTopology(tp=args.tp, ulysses=ulysses, ring=args.ring)
-    if topology.tp * topology.sp != world:
-        raise ValueError(
-            f"every rank serves one prompt: tp × ulysses × ring = {args.tp} × {ulysses} × "
-            f"{args.ring} must equal the world size {world}"
-        )
-    initialize_mmsp(topology)
+    source = resolve_checkpoint(args.checkpoint)
     architecture = LongVILAConfig.preset(args.model_preset) if args.model_preset else None
+    if (architecture or source.config) is None:
+        raise CheckpointError(
+            f"{source.directory} does not record the model architecture; pass --model-preset"
+        )
+    world = dist.get_world_size()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    topology = choose_topology(args, world, local_world, architecture or source.config)
+    initialize_mmsp(topology)
     model, source = load_model_for_inference(
         args.checkpoint, model_config=architecture, params_dtype=DTYPES[args.dtype]
     )
