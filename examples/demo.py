@@ -7,9 +7,11 @@
    each starting from the previous one's checkpoint: alignment (TP=1, DP=4), pre-training
    (TP=2), short SFT (PP=2), context extension and long SFT (MM-SP 2×2: Ulysses × ring);
 3. a table and a plot (demo_output/losses.png) of the losses;
-4. a needle-in-a-haystack evaluation of the stage-5 model with MM-SP inference (``longvila-eval
-   needle``: a fresh synthetic haystack, 2 needle frames at depths 0–100%, 8–32 frames, the
-   digit chosen among 4 options by likelihood, chance 25%), with its heatmap
+4. the stage-5 checkpoint exported to a Hugging Face LongVILA folder (demo_output/hf: llm/,
+   vision_tower/, mm_projector/, config.json), as ``tools/convert_checkpoint.py to-hf`` does;
+5. a needle-in-a-haystack evaluation of that exported model with MM-SP inference
+   (``longvila-eval needle``: a fresh synthetic haystack, 2 needle frames at depths 0–100%,
+   8–32 frames, the digit chosen among 4 options by likelihood, chance 25%), with its heatmap
    (demo_output/needle/needle.png).
 
 Everything lands in demo_output/ (replaced on every run).
@@ -84,10 +86,18 @@ def run_stage(stage: str, nproc: int) -> dict:
     }
 
 
-def run_needle_eval(nproc: int) -> dict:
-    """The stage-5 model on the needle task, through the evaluation CLI under torchrun."""
+def export_to_hf() -> Path:
+    """The stage-5 checkpoint as a Hugging Face LongVILA folder (one process, no process group)."""
+    from megatron_longvila.convert import megatron_to_hf
+
+    folder = OUT / "hf"
+    megatron_to_hf(OUT / "runs" / STAGES[-1] / "checkpoints", folder, progress=False)
+    return folder
+
+
+def run_needle_eval(nproc: int, checkpoint: Path) -> dict:
+    """The model at ``checkpoint`` on the needle task, through the evaluation CLI (torchrun)."""
     output = OUT / "needle" / "needle.json"
-    checkpoint = OUT / "runs" / STAGES[-1] / "checkpoints"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     cmd += [f"--nproc-per-node={nproc}", "-m", "megatron_longvila.eval", "needle"]
     cmd += ["--checkpoint", str(checkpoint), "--output", str(output)]
@@ -146,8 +156,12 @@ def main() -> int:
     (OUT / "summary.json").write_text(json.dumps(results, indent=2))
     print(f"\nplot: {OUT / 'losses.png'}; summary: {OUT / 'summary.json'}")
 
-    print("\n== needle in a haystack (stage-5 model, 4 options)", flush=True)
-    needle = run_needle_eval(args.nproc)
+    print("\n== export to Hugging Face", flush=True)
+    hf_folder = export_to_hf()
+    print(f"{hf_folder}: {', '.join(sorted(p.name for p in hf_folder.iterdir()))}")
+
+    print("\n== needle in a haystack (exported stage-5 model, 4 options)", flush=True)
+    needle = run_needle_eval(args.nproc, hf_folder)
     by_frames = ", ".join(
         f"{n} frames {100 * a:.0f}%" for n, a in needle["accuracy_by_frames"].items()
     )

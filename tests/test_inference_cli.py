@@ -170,9 +170,5 @@ def test_checkpoint_paths_are_checked(tmp_path):
     for part in ("llm", "vision_tower", "mm_projector"):
         (hf / part).mkdir(parents=True)
     (hf / "config.json").write_text('{"chat_template": "llama3"}')
-    source = resolve_checkpoint(hf)
-    assert (source.kind, source.chat_template, source.tokenizer_path) == (
-        "hf",
-        "llama3",
-        str(hf / "llm"),
-    )
+    with pytest.raises(CheckpointError, match=f"{hf} is not a readable Hugging Face LongVILA"):
+        resolve_checkpoint(hf)  # the parts' configs are missing

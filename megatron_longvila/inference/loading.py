@@ -7,9 +7,8 @@
 * a bare megatron-core dist checkpoint folder (``.metadata`` inside, e.g. from
   ``dist_checkpointing.save``);
 * a Hugging Face LongVILA folder (``llm/``, ``vision_tower/``, ``mm_projector/``,
-  ``config.json``), read through :func:`read_hf_folder` by the checkpoint converter
-  (``megatron_longvila.convert``, imported lazily: without it such folders are refused with a
-  message saying to convert them first).
+  ``config.json``), read by the checkpoint converter (:mod:`megatron_longvila.convert`), with
+  tensor-parallel size 1.
 
 Megatron checkpoints load into any tensor-parallel / MM-SP layout (megatron-core reshards on
 load). The architecture comes from the checkpoint's ``train_state.json`` unless the caller passes
@@ -35,6 +34,11 @@ from typing import Any
 import torch
 from megatron.core import dist_checkpointing, parallel_state
 
+from megatron_longvila.convert.hf_source import (
+    HFSource,
+    read_longvila_config,
+    read_longvila_weights,
+)
 from megatron_longvila.models.config import LongVILAConfig
 from megatron_longvila.models.hf_mapping import load_full_state
 from megatron_longvila.models.longvila import LongVILAModel
@@ -116,35 +120,21 @@ def resolve_checkpoint(path: str | Path) -> CheckpointSource:
 
 
 def _hf_source(folder: Path) -> CheckpointSource:
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    """A Hugging Face LongVILA folder, its architecture read by the checkpoint converter."""
+    try:
+        settings = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        config = read_longvila_config(HFSource.from_folder(folder))
+    except (OSError, ValueError) as exc:  # ConversionError and JSONDecodeError included
+        raise CheckpointError(
+            f"{folder} is not a readable Hugging Face LongVILA folder: {exc}"
+        ) from None
     return CheckpointSource(
         kind="hf",
         directory=folder,
-        config=None,  # read with the weights by read_hf_folder
+        config=config,
         tokenizer_path=str(folder / "llm"),
-        chat_template=config.get(CHAT_TEMPLATE_KEY),
+        chat_template=settings.get(CHAT_TEMPLATE_KEY),
     )
-
-
-def read_hf_folder(folder: Path) -> tuple[LongVILAConfig, dict[str, torch.Tensor]]:
-    """(architecture, full TP=1 state dict named as ``LongVILAModel.state_dict()`` names it) of a
-    Hugging Face LongVILA folder, read by the checkpoint converter (:mod:`megatron_longvila.
-    convert`), imported here only when such a folder is loaded."""
-    try:
-        from megatron_longvila.convert.hf_source import (
-            HFSource,
-            read_longvila_config,
-            read_longvila_weights,
-        )
-    except ImportError:
-        raise CheckpointError(
-            f"{folder} is a Hugging Face LongVILA folder; reading it needs the checkpoint "
-            "converter (megatron_longvila.convert.hf_source), which this installation does not "
-            "have. Convert the folder to a Megatron checkpoint and load that instead."
-        ) from None
-    source = HFSource.from_folder(folder)
-    config = read_longvila_config(source)
-    return config, read_longvila_weights(source, config)
 
 
 def load_model_for_inference(
@@ -167,11 +157,7 @@ def load_model_for_inference(
             f"{parallel_state.get_pipeline_model_parallel_world_size()}; use tp and sp instead"
         )
     source = resolve_checkpoint(path)
-    state = None
-    if source.kind == "hf":
-        hf_config, state = read_hf_folder(source.directory)
-        source.config = model_config or hf_config
-    elif model_config is not None:
+    if model_config is not None:
         source.config = model_config
     if source.config is None:
         raise CheckpointError(
@@ -179,13 +165,14 @@ def load_model_for_inference(
             f"{MODEL_CONFIG_KEY!r}); pass model_config (CLI: --model-preset)"
         )
     (model,) = build_longvila_model(source.config, params_dtype=params_dtype)
-    if state is not None:
+    if source.kind == "hf":
         if parallel_state.get_tensor_model_parallel_world_size() != 1:
             raise CheckpointError(
                 f"{source.directory}: Hugging Face folders load with tensor-parallel size 1; "
                 "convert to a Megatron checkpoint for other layouts"
             )
-        load_full_state(model, state)
+        hf = HFSource.from_folder(source.directory)
+        load_full_state(model, read_longvila_weights(hf, read_longvila_config(hf)))
     else:
         verify_checkpoint_metadata(source.directory)
         loaded = dist_checkpointing.load(model.sharded_state_dict(), str(source.directory))
