@@ -177,3 +177,30 @@ def test_gpu_kernels_match_math(monkeypatch, backend, causal):
         results[name] = [t.float() for t in (out, lse, *grads)]
     for got, ref in zip(results[backend], results["math"]):
         assert (got - ref).abs().max() <= 2e-2
+
+
+@pytest.mark.parametrize("kind", ["causal", "segments", "full"])
+def test_math_kernel_in_pieces_of_query_rows_is_exact(monkeypatch, kind):
+    """The math kernel bounds its scores to MATH_QUERY_ROWS query rows at a time: pieces of 3
+    rows (the last one shorter) against the float64 reference, GQA 4 → 2 heads."""
+    monkeypatch.setattr(kernels, "MATH_QUERY_ROWS", 3)
+    gen = torch.Generator().manual_seed(5)
+    b, s, h, d = 2, 11, 4, 8
+    q, dout = (torch.randn(b, s, h, d, generator=gen) for _ in range(2))
+    k, v = (torch.randn(b, s, 2, d, generator=gen) for _ in range(2))
+    segments = torch.tensor([[0] * 4 + [1] * 5 + [-1] * 2, [0] * 7 + [1] * 4])
+    mask = {
+        "causal": None,
+        "segments": (segments[:, :, None] == segments[:, None, :]) & (segments[:, :, None] >= 0),
+        "full": None,
+    }[kind]
+    causal = kind == "causal"
+    allowed = torch.ones(b, s, s, dtype=torch.bool) if mask is None else mask
+    if causal:
+        allowed = allowed & torch.ones(s, s, dtype=torch.bool).tril()
+    monkeypatch.setenv("MLV_ATTENTION_BACKEND", "math")
+    scale = d**-0.5
+    out, lse = kernels.block_forward(q, k, v, scale=scale, causal=causal, mask=mask)
+    grads = kernels.block_backward(dout, q, k, v, out, lse, scale=scale, causal=causal, mask=mask)
+    for got, ref in zip((out, *grads), _reference(q, k, v, allowed, dout)):
+        assert (got - ref).abs().max() <= TOLERANCE

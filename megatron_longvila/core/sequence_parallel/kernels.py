@@ -181,54 +181,73 @@ def _ungrouped(x: Tensor) -> Tensor:
     return x.permute(0, 3, 1, 2, 4).reshape(b, s, hk * g, d)
 
 
-def _allowed(mask: Tensor | None, causal: bool, sq: int, sk: int, device) -> Tensor | None:
-    """Boolean [b or 1, 1, 1, sq, sk] of the pairs that may attend, or None for all."""
+#: Query rows the math kernel takes at a time: its fp32 scores and probabilities then hold
+#: b·h·rows·sk values instead of b·h·sq·sk (an explicit mask stays whole, [b, sq, sk] bool).
+MATH_QUERY_ROWS = 1024
+
+
+def _row_pieces(sq: int) -> list[slice]:
+    return [
+        slice(start, min(start + MATH_QUERY_ROWS, sq)) for start in range(0, sq, MATH_QUERY_ROWS)
+    ]
+
+
+def _allowed(mask: Tensor | None, causal: bool, rows: slice, sk: int, device) -> Tensor | None:
+    """Boolean [b or 1, 1, 1, len(rows), sk] of the pairs query ``rows`` may attend, or None for
+    all."""
     if mask is not None:
-        return mask[:, None, None]
+        return mask[:, rows][:, None, None]
     if causal:
-        return torch.ones(sq, sk, dtype=torch.bool, device=device).tril()[None, None, None]
+        query = torch.arange(rows.start, rows.stop, device=device)[:, None]
+        return (query >= torch.arange(sk, device=device)[None])[None, None, None]
     return None
 
 
-def _math_probs(q, k, lse_or_none, scale, causal, mask):
-    """Scores → probabilities (and lse). Masked pairs get probability 0; empty rows lse -inf."""
+def _math_probs(q, k, lse_or_none, scale, causal, mask, rows: slice):
+    """Scores → probabilities (and lse) of query ``rows`` (``q`` and ``lse_or_none`` already cut
+    to them). Masked pairs get probability 0; empty rows lse -inf."""
     acc = torch.promote_types(q.dtype, torch.float32)
     hk = k.shape[2]
-    qg, kg = _grouped(q, hk, acc), _grouped(k, hk, acc)  # [b, hk, g, sq, d], [b, hk, 1, sk, d]
+    qg, kg = _grouped(q, hk, acc), _grouped(k, hk, acc)  # [b, hk, g, rows, d], [b, hk, 1, sk, d]
     scores = (qg @ kg.transpose(-1, -2)) * scale
-    allowed = _allowed(mask, causal, q.shape[1], k.shape[1], q.device)
+    allowed = _allowed(mask, causal, rows, k.shape[1], q.device)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     if lse_or_none is None:
         lse = torch.logsumexp(scores, dim=-1)
     else:
-        b, hq, sq = lse_or_none.shape
-        lse = lse_or_none.to(acc).view(b, hk, hq // hk, sq)
+        b, hq, n = lse_or_none.shape
+        lse = lse_or_none.to(acc).view(b, hk, hq // hk, n)
     # An empty row has lse -inf; subtracting 0 instead keeps its probabilities exp(-inf) = 0.
     finite_lse = lse.masked_fill(torch.isneginf(lse), 0.0)
     return torch.exp(scores - finite_lse[..., None]), lse, qg, kg
 
 
 def _math_forward(q, k, v, scale, causal, mask):
-    probs, lse, _, _ = _math_probs(q, k, None, scale, causal, mask)
-    vg = _grouped(v, v.shape[2], probs.dtype)
-    out = _ungrouped(probs @ vg).to(q.dtype)
+    outs, lses = [], []
+    for rows in _row_pieces(q.shape[1]):
+        probs, lse, _, _ = _math_probs(q[:, rows], k, None, scale, causal, mask, rows)
+        outs.append(_ungrouped(probs @ _grouped(v, v.shape[2], probs.dtype)))
+        lses.append(lse)
     b, sq, hq, _ = q.shape
-    return out, lse.reshape(b, hq, sq).float()
+    return torch.cat(outs, 1).to(q.dtype), torch.cat(lses, -1).reshape(b, hq, sq).float()
 
 
 def _math_backward(dout, q, k, v, out, lse, scale, causal, mask):
-    probs, _, qg, kg = _math_probs(q, k, lse, scale, causal, mask)
     hk = k.shape[2]
-    acc = probs.dtype
-    dog, og, vg = _grouped(dout, hk, acc), _grouped(out, hk, acc), _grouped(v, hk, acc)
-    dv = (probs.transpose(-1, -2) @ dog).sum(2, keepdim=True)
-    dprobs = dog @ vg.transpose(-1, -2)
-    delta = (dog * og).sum(-1, keepdim=True)
-    dscores = probs * (dprobs - delta)
-    dq = (dscores @ kg) * scale
-    dk = (dscores.transpose(-1, -2) @ qg).sum(2, keepdim=True) * scale
-    return _ungrouped(dq).to(q.dtype), _ungrouped(dk).to(k.dtype), _ungrouped(dv).to(v.dtype)
+    dqs, dk, dv = [], 0, 0
+    for rows in _row_pieces(q.shape[1]):
+        probs, _, qg, kg = _math_probs(q[:, rows], k, lse[..., rows], scale, causal, mask, rows)
+        acc = probs.dtype
+        dog, og = _grouped(dout[:, rows], hk, acc), _grouped(out[:, rows], hk, acc)
+        vg = _grouped(v, hk, acc)
+        dv = dv + (probs.transpose(-1, -2) @ dog).sum(2, keepdim=True)
+        dprobs = dog @ vg.transpose(-1, -2)
+        delta = (dog * og).sum(-1, keepdim=True)
+        dscores = probs * (dprobs - delta)
+        dqs.append(_ungrouped((dscores @ kg) * scale))
+        dk = dk + (dscores.transpose(-1, -2) @ qg).sum(2, keepdim=True) * scale
+    return torch.cat(dqs, 1).to(q.dtype), _ungrouped(dk).to(k.dtype), _ungrouped(dv).to(v.dtype)
 
 
 # --------------------------------------------------------------------------------------------
