@@ -82,16 +82,9 @@ def run_gpt(tp: int, ulysses: int, ring: int, load_dir=None, save_dir=None):
         num_query_groups=2,
         tensor_model_parallel_size=tp,
         context_parallel_size=sp,
-        use_cpu_initialization=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
         calculate_per_token_loss=True,
         init_method_std=0.2,  # sharp attention: masking or position errors show in the loss
+        **platform.portable_transformer_options(),
     )
     platform.seed_everything(5)
     tensor_parallel.model_parallel_cuda_manual_seed(5)

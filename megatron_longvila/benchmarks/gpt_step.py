@@ -110,15 +110,12 @@ def build_gpt(shape: GPTShape, strategy: Strategy, settings: StepSettings):
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
-        use_cpu_initialization=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_activation_fusion=fused,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=fused,
-        persist_layer_norm=False,
         calculate_per_token_loss=True,  # the loss below is already a global mean: sum gradients
+        **{
+            **platform.portable_transformer_options(),
+            "bias_activation_fusion": fused,
+            "apply_rope_fusion": fused,
+        },
     )
     platform.seed_everything(settings.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(settings.seed)

@@ -41,6 +41,26 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def portable_transformer_options() -> dict[str, Any]:
+    """``TransformerConfig`` run options that work on CPU and GPU alike: weights created on the
+    CPU from the global generator (so every parallel layout starts from the same full tensors),
+    no dropout, no fusion that needs a CUDA kernel, and no ``torch.cuda.synchronize()`` around
+    batched pipeline p2p without CUDA. Callers set their own fields on top (e.g. fusions on GPUs).
+    """
+    return {
+        "use_cpu_initialization": True,
+        "hidden_dropout": 0.0,
+        "attention_dropout": 0.0,
+        "bias_activation_fusion": False,
+        "bias_dropout_fusion": False,
+        "masked_softmax_fusion": False,
+        "gradient_accumulation_fusion": False,
+        "apply_rope_fusion": False,
+        "persist_layer_norm": False,
+        "batch_p2p_sync": cuda_available(),
+    }
+
+
 def local_device() -> torch.device:
     """The device this process computes on: its local GPU, or the CPU."""
     if cuda_available():

@@ -108,16 +108,7 @@ def build_transformer_config(
         "pipeline_dtype": params_dtype,
         "bf16": params_dtype == torch.bfloat16,
         "fp16": params_dtype == torch.float16,
-        "use_cpu_initialization": True,
-        "hidden_dropout": 0.0,
-        "attention_dropout": 0.0,
-        "bias_activation_fusion": False,
-        "bias_dropout_fusion": False,
-        "masked_softmax_fusion": False,
-        "gradient_accumulation_fusion": False,
-        "apply_rope_fusion": False,
-        "persist_layer_norm": False,
-        "batch_p2p_sync": platform.cuda_available(),
+        **platform.portable_transformer_options(),
         **architecture,
     }
     return TransformerConfig(**{**fields, **(overrides or {})})

@@ -41,7 +41,6 @@ class TinyGPTSettings:
 
 def build_config(s: TinyGPTSettings) -> TransformerConfig:
     """A TransformerConfig that runs on CPU and GPU (fusions that need CUDA kernels are off)."""
-    on_gpu = platform.cuda_available()
     return TransformerConfig(
         num_layers=s.num_layers,
         hidden_size=s.hidden_size,
@@ -49,15 +48,10 @@ def build_config(s: TinyGPTSettings) -> TransformerConfig:
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
         pipeline_dtype=torch.float32,
-        use_cpu_initialization=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        gradient_accumulation_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=on_gpu,
-        batch_p2p_sync=on_gpu,
+        **{
+            **platform.portable_transformer_options(),
+            "persist_layer_norm": platform.cuda_available(),
+        },
     )
 
 
