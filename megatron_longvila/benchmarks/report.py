@@ -117,11 +117,16 @@ def bar_chart(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def save_json_and_markdown(out: Path, stem: str, data: dict[str, Any], text: str) -> None:
+    """``out/<stem>.json`` (``data``) and ``out/<stem>.md`` (``text``); ``out`` is created."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=2))
+    (out / f"{stem}.md").write_text(text)
+
+
 def write(result: dict[str, Any], out: Path, stem: str = "benchmark_sp") -> str:
     """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` into ``out``; return the markdown."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     text = markdown(result)
-    (out / f"{stem}.md").write_text(text)
+    save_json_and_markdown(out, stem, result, text)
     bar_chart(result, out / f"{stem}.png")
     return text

@@ -7,7 +7,6 @@ The shared front end of the tools that report one row per SP degree (``tools/mea
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from dataclasses import asdict
@@ -16,6 +15,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from megatron_longvila.benchmarks.report import save_json_and_markdown
 
 Rows = list[dict[str, Any]]
 
@@ -27,12 +28,9 @@ def write_rows(
     settings, device)``), which is also printed."""
     backend = "CUDA/NCCL" if torch.cuda.is_available() else "CPU/gloo"
     device = f"{world} ranks, {backend}"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(
-        json.dumps({"settings": asdict(settings), "device": device, "rows": rows}, indent=2)
-    )
     text = table(rows, settings, device)
-    (out / f"{stem}.md").write_text(text)
+    data = {"settings": asdict(settings), "device": device, "rows": rows}
+    save_json_and_markdown(out, stem, data, text)
     print(text)
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from megatron_longvila.benchmarks.report import save_json_and_markdown
 
 STRATEGIES = ("MM-SP 2D", "ring-only", "Ulysses-only", "CP+TP")
 
@@ -129,9 +130,7 @@ def ratio_chart(study: dict[str, Any], path: Path) -> None:
 
 def write(study: dict[str, Any], out: Path, stem: str = "simulate_sp") -> str:
     """Write ``<stem>.json``, ``<stem>.md`` and ``<stem>.png`` into ``out``; return the markdown."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(study, indent=2))
     text = markdown(study)
-    (out / f"{stem}.md").write_text(text)
+    save_json_and_markdown(out, stem, study, text)
     ratio_chart(study, out / f"{stem}.png")
     return text
