@@ -26,9 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_longvila.core import platform
-from megatron_longvila.core.parallel_state import initialize_mmsp
-from megatron_longvila.data.chat_template import TEMPLATES, all_template_markers
-from megatron_longvila.data.tokenizer import load_tokenizer
+from megatron_longvila.data.chat_template import TEMPLATES
 from megatron_longvila.data.video import VideoDecodeError
 from megatron_longvila.eval.captioning import CaptionSettings, load_caption_items, run_captioning
 from megatron_longvila.eval.generator_predictor import GeneratorPredictor
@@ -49,10 +47,8 @@ from megatron_longvila.eval.videomme import (
     load_questions,
     run_videomme,
 )
-from megatron_longvila.inference.generate import choose_topology
-from megatron_longvila.inference.generator import FrameSettings, Generator
-from megatron_longvila.inference.loading import load_model_for_inference, resolve_checkpoint
-from megatron_longvila.models.config import ConfigError, LongVILAConfig
+from megatron_longvila.inference.generate import load_generator
+from megatron_longvila.models.config import ConfigError
 from megatron_longvila.training.checkpointing import CheckpointError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -137,31 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_predictor(args: argparse.Namespace) -> GeneratorPredictor:
     """Initialize the layout, load the checkpoint, wrap it as a predictor."""
-    source = resolve_checkpoint(args.checkpoint)
-    architecture = LongVILAConfig.preset(args.model_preset) if args.model_preset else None
-    if (architecture or source.config) is None:
-        raise CheckpointError(
-            f"{source.directory} does not record the model architecture; pass --model-preset"
-        )
-    world = dist.get_world_size()
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    topology = choose_topology(args, world, local_world, architecture or source.config)
-    initialize_mmsp(topology)
-    model, source = load_model_for_inference(
-        args.checkpoint, model_config=architecture, params_dtype=DTYPES[args.dtype]
-    )
-    tokenizer_path = args.tokenizer or source.tokenizer_path
-    if tokenizer_path is None:
-        raise CheckpointError(f"{source.directory} records no tokenizer; pass --tokenizer")
-    tokenizer = load_tokenizer(tokenizer_path, all_template_markers())
-    template = args.chat_template or source.chat_template or "qwen2"
-    generator = Generator(
-        model,
-        tokenizer,
-        chat_template=template,
-        system_prompt=args.system_prompt,
-        frames=FrameSettings(args.num_frames, args.fps, args.max_frames, args.resize_mode),
-    )
+    generator, topology, tokenizer_path = load_generator(args, DTYPES[args.dtype])
     description = {
         "checkpoint": str(args.checkpoint),
         "tokenizer": str(tokenizer_path),

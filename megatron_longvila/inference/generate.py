@@ -128,8 +128,12 @@ def _stop_ids(names: list[str], generator: Generator) -> tuple[int, ...] | None:
     return tuple(ids)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Load, generate, and return the report on rank 0 (None elsewhere)."""
+def load_generator(
+    args: argparse.Namespace, params_dtype: torch.dtype
+) -> tuple[Generator, MMSPTopology, str]:
+    """(generator, layout, tokenizer path) from the command line's model options (checkpoint,
+    model preset, tokenizer, chat template, system prompt, frame sampling, tp / sp / ulysses /
+    ring): the layout is chosen and initialized, then the checkpoint loaded into it."""
     source = resolve_checkpoint(args.checkpoint)
     model_config = LongVILAConfig.preset(args.model_preset) if args.model_preset else None
     cfg = model_config or source.config
@@ -141,7 +145,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     topology = choose_topology(args, dist.get_world_size(), local_world, cfg)
     initialize_mmsp(topology)
     model, source = load_model_for_inference(
-        args.checkpoint, model_config=model_config, params_dtype=_params_dtype(args.dtype)
+        args.checkpoint, model_config=model_config, params_dtype=params_dtype
     )
     tokenizer_path = args.tokenizer or source.tokenizer_path
     if tokenizer_path is None:
@@ -154,6 +158,12 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         system_prompt=args.system_prompt,
         frames=FrameSettings(args.num_frames, args.fps, args.max_frames, args.resize_mode),
     )
+    return generator, topology, tokenizer_path
+
+
+def run(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Load, generate, and return the report on rank 0 (None elsewhere)."""
+    generator, topology, _ = load_generator(args, _params_dtype(args.dtype))
     answer = generator.generate(
         args.prompt,
         args.video,
