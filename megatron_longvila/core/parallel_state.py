@@ -167,9 +167,6 @@ def initialize_mmsp(topology: MMSPTopology, **mcore_kwargs: Any) -> MMSPGroups:
     if not dist.is_initialized():
         raise RuntimeError("initialize_mmsp needs torch.distributed to be initialized first")
     topology.validate(dist.get_world_size())
-    # megatron-core's destroy_model_parallel leaves the hierarchical groups of an earlier
-    # initialization in place; a later one without hierarchy would otherwise still see them.
-    mcore_parallel_state._HIERARCHICAL_CONTEXT_PARALLEL_GROUPS = None
     mcore_parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=topology.tp,
         pipeline_model_parallel_size=topology.pp,
