@@ -21,7 +21,7 @@ setup(
     # Non-Python files ship through package_data alone (there is no MANIFEST.in): setuptools puts
     # them in both the sdist and the wheel. include_package_data would treat templates/ as an
     # undeclared package and warn that it may be dropped.
-    package_data={"megatron_longvila.data.long_video_sft": ["templates/*.txt"]},
+    package_data={"megatron_longvila.long_video_sft": ["templates/*.txt"]},
     install_requires=[
         # A range: GPU users bring their own CUDA build of torch; CPU installs pin the local wheel
         # first (see the Makefile) so that nothing here pulls a CUDA build.
@@ -55,6 +55,8 @@ setup(
             "longvila-launch=megatron_longvila.training.launcher:main",
             "longvila-generate=megatron_longvila.inference.generate:main",
             "longvila-eval=megatron_longvila.eval.cli:main",
+            "longvila-convert=megatron_longvila.convert.cli:main",
+            "longvila-build-sft=megatron_longvila.long_video_sft.cli:main",
         ],
     },
 )

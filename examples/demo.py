@@ -41,8 +41,11 @@ STAGES = (
 
 def make_data(nproc: int) -> None:
     from megatron_longvila.data.shard_writer import write_webdataset
-    from megatron_longvila.data.synthetic import make_passkey_text_dataset, make_synthetic_shards
-    from megatron_longvila.data.tokenizer import build_tiny_tokenizer
+    from megatron_longvila.data.synthetic import (
+        build_tiny_tokenizer,
+        make_passkey_text_dataset,
+        make_synthetic_shards,
+    )
 
     build_tiny_tokenizer(OUT / "tokenizer", vocab_size=400)
     data = OUT / "data"

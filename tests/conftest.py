@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from megatron_longvila.testing import RankPool
+from megatron_longvila.core.rank_pool import RankPool
 
 # Each rank imports torch + megatron-core (~0.5 GB, a few seconds): keep two pool sizes alive.
 _MAX_LIVE_POOLS = 2

@@ -21,7 +21,7 @@ def scratch_dir() -> Path:
 @functools.cache
 def tiny_tokenizer_dir() -> Path:
     """A byte-level BPE trained locally, saved as a Hugging Face tokenizer folder."""
-    from megatron_longvila.data.tokenizer import build_tiny_tokenizer
+    from megatron_longvila.data.synthetic import build_tiny_tokenizer
 
     return build_tiny_tokenizer(scratch_dir() / "tokenizer")
 

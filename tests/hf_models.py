@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from megatron_longvila.convert.hf_mapping import llm_config_to_hf, vision_config_to_hf
 from megatron_longvila.models.config import LLMConfig, VisionConfig
-from megatron_longvila.models.hf_mapping import llm_config_to_hf, vision_config_to_hf
 
 
 def hf_causal_lm(architecture: str, cfg: LLMConfig, seed: int = 0):

@@ -25,16 +25,16 @@ def tiny_longvila_config(tokenizer):
 def save_tiny_longvila_checkpoint(root: str, tokenizer_dir: str, iteration: int = 3):
     """Build the tiny model (wide random init, so answers depend on the frames) and save it
     under the checkpoint root ``root``; every rank calls it. Returns (model, config, tokenizer)."""
-    from megatron_longvila.data.chat_template import all_template_markers
-    from megatron_longvila.data.tokenizer import load_tokenizer
-    from megatron_longvila.models.longvila_step import build_longvila_model
-    from megatron_longvila.training.checkpointing import (
+    from megatron_longvila.checkpoint.manager import CheckpointManager
+    from megatron_longvila.checkpoint.train_state import (
         CHAT_TEMPLATE_KEY,
         FRAMES_KEY,
         MODEL_CONFIG_KEY,
         TOKENIZER_KEY,
-        CheckpointManager,
     )
+    from megatron_longvila.data.chat_template import all_template_markers
+    from megatron_longvila.data.tokenizer import load_tokenizer
+    from megatron_longvila.models.longvila_step import build_longvila_model
 
     tokenizer = load_tokenizer(tokenizer_dir, all_template_markers())
     cfg = tiny_longvila_config(tokenizer)

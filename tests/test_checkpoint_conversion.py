@@ -31,10 +31,11 @@ from hf_models import hf_causal_lm, hf_siglip
 from longvila_batches import make_batch, micro_batches
 from safetensors.torch import load_file, save_file
 
+from megatron_longvila.checkpoint.layout import CheckpointError
+from megatron_longvila.checkpoint.train_state import MODEL_CONFIG_KEY
 from megatron_longvila.convert import ConversionError, HFSource, hf_to_megatron, megatron_to_hf
 from megatron_longvila.convert.safetensors_io import read_safetensors
 from megatron_longvila.models.config import LLMConfig, LongVILAConfig, VisionConfig
-from megatron_longvila.training.checkpointing import MODEL_CONFIG_KEY, CheckpointError
 
 VISION = VisionConfig.preset("tiny", pooling_head=True)  # 3 layers, select -2: 1 never runs
 SETTINGS = {"image_token_id": 248, "video_token_id": 249, "vocab_pad_multiple": 64}
@@ -76,7 +77,7 @@ def _projector_tensors(gen: torch.Generator) -> dict[str, torch.Tensor]:
 
 def write_hf_source(folder: Path, architecture: str, llm_cfg: LLMConfig) -> HFSource:
     """Plain ``save_pretrained`` folders of random transformers models + a VILA projector."""
-    from megatron_longvila.data.tokenizer import build_tiny_tokenizer
+    from megatron_longvila.data.synthetic import build_tiny_tokenizer
 
     llm = hf_causal_lm(architecture, llm_cfg)
     with torch.no_grad():  # transformers leaves q/k/v biases at 0: a dropped bias would hide
@@ -134,9 +135,9 @@ def evaluate_checkpoint(root: str, tp: int, pp: int) -> dict:
     features of random frames, and the loss of two multimodal micro-batches."""
     from megatron.core import parallel_state
 
+    from megatron_longvila.checkpoint.manager import CheckpointManager
     from megatron_longvila.core.parallel_state import MMSPTopology, initialize_mmsp
     from megatron_longvila.models.longvila_step import build_longvila_model, forward_step
-    from megatron_longvila.training.checkpointing import CheckpointManager
 
     initialize_mmsp(MMSPTopology(tp=tp, pp=pp))
     manager = CheckpointManager(root)
@@ -296,12 +297,12 @@ def test_exported_folder_layout(converted):
 def load_in_memory_and_compare(hf_folder: str, root: str, tp: int, pp: int) -> dict:
     """A model filled by ``load_hf_into_model`` vs one loaded from the converted checkpoint by
     megatron; then the messages of a fill lacking a tensor and of one with a wrong shape."""
+    from megatron_longvila.checkpoint.manager import CheckpointManager
     from megatron_longvila.convert import load_hf_into_model
     from megatron_longvila.convert.full_tensors import TensorsInMemory, load_full_tensors_into
     from megatron_longvila.convert.hf_source import read_longvila_weights
     from megatron_longvila.core.parallel_state import MMSPTopology, initialize_mmsp
     from megatron_longvila.models.longvila_step import build_longvila_model
-    from megatron_longvila.training.checkpointing import CheckpointManager
 
     initialize_mmsp(MMSPTopology(tp=tp, pp=pp))
     source = HFSource.from_folder(hf_folder)
@@ -400,9 +401,9 @@ def test_plain_folders_whole_siglip_fresh_projector_and_tokenizer_ids(tmp_path):
     from transformers import SiglipConfig, SiglipModel
 
     from megatron_longvila.convert import read_longvila_config
+    from megatron_longvila.convert.hf_mapping import vision_config_to_hf
     from megatron_longvila.convert.hf_source import read_longvila_weights
     from megatron_longvila.data.tokenizer import load_tokenizer
-    from megatron_longvila.models.hf_mapping import vision_config_to_hf
 
     source = _tiny_source(tmp_path / "source")
     # A whole SiglipModel folder (text tower too): only its vision_model.* is taken.
@@ -484,7 +485,7 @@ def test_cli_export_bf16_in_shards_and_refusing_to_overwrite(llama_converted, tm
 def test_cli_import_in_spawned_processes_equals_the_torchrun_path(llama_converted, tmp_path):
     """``to-megatron`` without a process group spawns tp gloo processes; its checkpoint holds the
     same tensors as the one written on the ranks of an existing group."""
-    from megatron_longvila.convert.megatron_source import read_model_tensors
+    from megatron_longvila.checkpoint.tensors import read_model_tensors
 
     cli = _load_tool("convert_checkpoint")
     source = llama_converted["source"]
@@ -513,7 +514,7 @@ def save_prefixed_training_checkpoint(root: str) -> dict[str, torch.Tensor]:
     import torch.distributed as dist
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from megatron_longvila.training.checkpointing import CheckpointManager
+    from megatron_longvila.checkpoint.manager import CheckpointManager
 
     rank, world = dist.get_rank(), dist.get_world_size()
     gen = torch.Generator().manual_seed(5)
@@ -549,12 +550,12 @@ def test_training_save_with_prefixed_keys_and_the_trainers_config_is_read(ranks2
     """A save folder as the trainer leaves it (``latest``, ``iter_*``, its ``config`` record,
     optimizer state next to the model) whose model keys carry a ``model.`` prefix: the model's
     tensors come back by module name, one per layer, and nothing of the optimizer."""
-    from megatron_longvila.convert.megatron_source import (
+    from megatron_longvila.checkpoint.layout import resolve_checkpoint_dir
+    from megatron_longvila.checkpoint.tensors import read_model_tensors
+    from megatron_longvila.checkpoint.train_state import (
         architecture_from_train_state,
         frames_from_train_state,
-        read_model_tensors,
         read_train_state,
-        resolve_checkpoint_dir,
         tokenizer_from_train_state,
     )
 

@@ -13,19 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_longvila.training.checkpointing import (
-    CheckpointError,
-    CheckpointManager,
-    load_full_tensors,
-    verify_checkpoint_metadata,
-)
+from megatron_longvila.checkpoint.layout import CheckpointError
+from megatron_longvila.checkpoint.manager import CheckpointManager
+from megatron_longvila.checkpoint.safety import verify_checkpoint_metadata
+from megatron_longvila.checkpoint.tensors import load_full_tensors
 
 
 def _model_and_optimizer(tp: int):
+    import tiny_gpt
     from megatron.core import parallel_state
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-    from megatron_longvila.training import tiny_gpt
 
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
     settings = tiny_gpt.TinyGPTSettings(num_layers=2, hidden_size=16, num_attention_heads=2)

@@ -20,12 +20,8 @@ from megatron_longvila.data.chat_template import (
     tokenize_conversation,
     tokenize_prompt,
 )
-from megatron_longvila.data.tokenizer import (
-    IMAGE_TOKEN,
-    VIDEO_TOKEN,
-    build_tiny_sentencepiece,
-    load_tokenizer,
-)
+from megatron_longvila.data.synthetic import build_tiny_sentencepiece
+from megatron_longvila.data.tokenizer import IMAGE_TOKEN, VIDEO_TOKEN, load_tokenizer
 
 QWEN2_JINJA = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"

@@ -107,7 +107,7 @@ def test_captioning_run_with_judge(tmp_path):
 def test_hf_judge_on_a_tiny_local_model(tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from megatron_longvila.data.tokenizer import build_tiny_tokenizer
+    from megatron_longvila.data.synthetic import build_tiny_tokenizer
 
     folder = build_tiny_tokenizer(tmp_path / "judge")
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -78,6 +78,8 @@ def reference_sp1(root: str, tokenizer_dir: str, haystack: str, out_dir: str) ->
     import torch
     from megatron.core import parallel_state
 
+    from megatron_longvila.checkpoint.manager import CheckpointManager
+    from megatron_longvila.checkpoint.train_state import model_record
     from megatron_longvila.data.chat_template import all_template_markers
     from megatron_longvila.data.tokenizer import load_tokenizer
     from megatron_longvila.eval.captioning import (
@@ -94,9 +96,8 @@ def reference_sp1(root: str, tokenizer_dir: str, haystack: str, out_dir: str) ->
         load_questions,
         run_videomme,
     )
-    from megatron_longvila.inference import Generator, inference_metadata, load_model_for_inference
+    from megatron_longvila.inference import Generator, load_model_for_inference
     from megatron_longvila.models.longvila_step import build_longvila_model
-    from megatron_longvila.training.checkpointing import CheckpointManager
 
     parallel_state.initialize_model_parallel()
     tokenizer = load_tokenizer(tokenizer_dir, all_template_markers())
@@ -105,7 +106,7 @@ def reference_sp1(root: str, tokenizer_dir: str, haystack: str, out_dir: str) ->
     (model,) = build_longvila_model(cfg, transformer_overrides={"init_method_std": 0.2})
     # The trainer's layout: the model beside optimizer state with common (non-tensor) entries.
     state = {"model": model.sharded_state_dict(), "optimizer": {"param_groups": [{"lr": 0.1}]}}
-    CheckpointManager(root).save(1, state, inference_metadata(cfg, tokenizer_dir, "qwen2"))
+    CheckpointManager(root).save(1, state, model_record(cfg, tokenizer_dir, "qwen2"))
     loaded, _ = load_model_for_inference(root)
     saved = model.state_dict()
     for name, value in loaded.state_dict().items():
@@ -167,8 +168,11 @@ def cli_sp2(root: str, haystack: str, out_dir: str) -> int:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, rank_pools) -> Path:
-    from megatron_longvila.data.synthetic import SyntheticVideoSpec, write_synthetic_video
-    from megatron_longvila.data.tokenizer import build_tiny_tokenizer
+    from megatron_longvila.data.synthetic import (
+        SyntheticVideoSpec,
+        build_tiny_tokenizer,
+        write_synthetic_video,
+    )
 
     tmp = tmp_path_factory.mktemp("needle-generator")
     tokenizer_dir = build_tiny_tokenizer(tmp / "tokenizer")

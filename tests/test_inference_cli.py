@@ -81,8 +81,11 @@ def torch_rank() -> int:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, rank_pools):
-    from megatron_longvila.data.synthetic import SyntheticVideoSpec, write_synthetic_video
-    from megatron_longvila.data.tokenizer import build_tiny_tokenizer
+    from megatron_longvila.data.synthetic import (
+        SyntheticVideoSpec,
+        build_tiny_tokenizer,
+        write_synthetic_video,
+    )
 
     tmp = tmp_path_factory.mktemp("generate-cli")
     tokenizer_dir = build_tiny_tokenizer(tmp / "tokenizer")
@@ -159,8 +162,8 @@ def test_topology_choice():
 
 
 def test_checkpoint_paths_are_checked(tmp_path):
+    from megatron_longvila.checkpoint.layout import CheckpointError
     from megatron_longvila.inference.loading import resolve_checkpoint
-    from megatron_longvila.training.checkpointing import CheckpointError
 
     with pytest.raises(CheckpointError, match=f"checkpoint path {tmp_path / 'x'} does not exist"):
         resolve_checkpoint(tmp_path / "x")

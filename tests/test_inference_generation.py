@@ -76,17 +76,17 @@ def run_reference(root: str) -> dict | None:
     reference continuation scores and the single-process cache size."""
     from megatron.core import parallel_state
 
+    from megatron_longvila.checkpoint.manager import CheckpointManager
+    from megatron_longvila.checkpoint.train_state import model_record
     from megatron_longvila.inference.decoding import MultimodalPrompt, generate_tokens
-    from megatron_longvila.inference.loading import inference_metadata
     from megatron_longvila.inference.sampling import SamplingParams
     from megatron_longvila.models.longvila_step import build_longvila_model
-    from megatron_longvila.training.checkpointing import CheckpointManager
 
     parallel_state.initialize_model_parallel()
     cfg = _config()
     (model,) = build_longvila_model(cfg, transformer_overrides=OVERRIDES)
     model.eval()
-    CheckpointManager(root).save(1, model.sharded_state_dict(), inference_metadata(cfg))
+    CheckpointManager(root).save(1, model.sharded_state_dict(), model_record(cfg))
     if torch.distributed.get_rank() != 0:
         return None
 

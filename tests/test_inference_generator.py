@@ -55,14 +55,14 @@ def _all_frames(video: str, image_size: int) -> torch.Tensor:
 
     from megatron_longvila.data.video import decode_frames, probe_video, uniform_frame_indices
     from megatron_longvila.data.vision_transform import scaled_size, to_tower_input
-    from megatron_longvila.inference import FrameSettings
+    from megatron_longvila.models.config import VisionConfig
 
     data = Path(video).read_bytes()
     info = probe_video(data)
     size = scaled_size(info.width, info.height, image_size, "pad")
     frames = decode_frames(data, uniform_frame_indices(info.num_frames, FRAMES), size)
-    settings = FrameSettings()
-    return to_tower_input(frames, image_size, "pad", settings.image_mean, settings.image_std)
+    vision = VisionConfig()  # the SigLIP normalization every preset uses
+    return to_tower_input(frames, image_size, "pad", vision.image_mean, vision.image_std)
 
 
 def _reference(generator, video: str) -> dict:
@@ -142,8 +142,11 @@ def answer_at(ulysses: int, tokenizer_dir: str, video: str) -> dict:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, rank_pools):
-    from megatron_longvila.data.synthetic import SyntheticVideoSpec, write_synthetic_video
-    from megatron_longvila.data.tokenizer import build_tiny_tokenizer
+    from megatron_longvila.data.synthetic import (
+        SyntheticVideoSpec,
+        build_tiny_tokenizer,
+        write_synthetic_video,
+    )
 
     tmp = tmp_path_factory.mktemp("generator")
     tokenizer_dir = str(build_tiny_tokenizer(tmp / "tokenizer"))
@@ -205,7 +208,7 @@ def refusals(tokenizer_dir: str) -> dict:
     import torch.distributed as dist
 
     from megatron_longvila.core.parallel_state import MMSPTopology, initialize_mmsp
-    from megatron_longvila.data.tokenizer import build_tiny_tokenizer
+    from megatron_longvila.data.synthetic import build_tiny_tokenizer
     from megatron_longvila.inference import Generator
 
     if dist.get_rank() == 0:

@@ -7,10 +7,10 @@ import subprocess
 from megatron_longvila.training import launcher
 
 
-def _config(tmp_path, **parallel):
+def _config(tmp_path, preset="longvila-llama3-8b", **parallel):
     path = tmp_path / "stage.yaml"
     lines = "".join(f"  {k}: {v}\n" for k, v in parallel.items())
-    path.write_text(f"parallel:\n{lines}")
+    path.write_text(f"model: {{preset: {preset}}}\nparallel:\n{lines}")
     return str(path)
 
 
@@ -41,6 +41,15 @@ def test_sizes_that_do_not_divide_stop_before_launch(tmp_path, monkeypatch, caps
     assert launcher.main(["--config", config, "--nproc-per-node", "8", "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "world size 8 is not divisible by tp×ulysses×ring×pp = 2×3×1×1 = 6" in err
+
+
+def test_a_layout_the_model_cannot_run_stops_before_launch(tmp_path, monkeypatch, capsys):
+    """Qwen2-7B's 4 key/value heads can be neither split over nor replicated onto 7 Ulysses
+    ranks (its 28 query heads can): the trainer's own check, before anything starts."""
+    monkeypatch.delenv("SLURM_NNODES", raising=False)
+    config = _config(tmp_path, preset="longvila-qwen2-7b", ulysses=7)
+    assert launcher.main(["--config", config, "--nproc-per-node", "7", "--dry-run"]) == 2
+    assert "4 key/value heads per tensor-parallel rank" in capsys.readouterr().err
 
 
 def test_sbatch_scripts_parse():

@@ -12,8 +12,8 @@ import pytest
 import torch
 from hf_models import hf_causal_lm
 
+from megatron_longvila.convert.hf_mapping import llm_config_from_hf, llm_config_to_hf
 from megatron_longvila.models.config import LLMConfig
-from megatron_longvila.models.hf_mapping import llm_config_from_hf, llm_config_to_hf
 
 TINY = LLMConfig.preset("tiny", num_layers=2)  # vocab 250, padded to 256; GQA 4 heads / 2 kv
 
@@ -47,7 +47,7 @@ VARIANTS = {
 def _our_model(cfg: LLMConfig, hf_state: dict):
     from megatron.core import tensor_parallel
 
-    from megatron_longvila.models.hf_mapping import llm_state_from_hf, load_full_state
+    from megatron_longvila.convert.hf_mapping import llm_state_from_hf, load_full_state
     from megatron_longvila.models.llm import LanguageModel
 
     tensor_parallel.model_parallel_cuda_manual_seed(1)
@@ -61,7 +61,7 @@ def _compare(architecture: str, cfg: LLMConfig) -> dict[str, float] | None:
     import torch.nn.functional as F
     from megatron.core import parallel_state
 
-    from megatron_longvila.models.hf_mapping import llm_state_to_hf
+    from megatron_longvila.convert.hf_mapping import llm_state_to_hf
     from megatron_longvila.models.llm import causal_segment_mask
     from megatron_longvila.models.rotary import rope_inverse_frequencies
 

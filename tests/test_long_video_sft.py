@@ -37,32 +37,32 @@ from data_fixtures import data_config, scratch_dir, tiny_tokenizer_dir
 from tiny_generators import save_tiny_text_model, save_tiny_vlm
 
 from megatron_longvila.data.loader import build_train_loader
-from megatron_longvila.data.long_video_sft.annotate import (
+from megatron_longvila.data.synthetic import SyntheticVideoSpec, write_synthetic_video
+from megatron_longvila.data.video import decode_frames, probe_video
+from megatron_longvila.data.vision_transform import decode_image, to_tower_input
+from megatron_longvila.long_video_sft.annotate import (
     AnnotationConfig,
     VideoAnnotator,
     caption_frame_size,
     clip_frame_indices,
 )
-from megatron_longvila.data.long_video_sft.build import BuildConfig, build_long_video_sft
-from megatron_longvila.data.long_video_sft.captioners import (
+from megatron_longvila.long_video_sft.build import BuildConfig, build_long_video_sft
+from megatron_longvila.long_video_sft.captioners import (
     HFVisionCaptioner,
     load_captioner,
     parse_captioner_spec,
 )
-from megatron_longvila.data.long_video_sft.clips import (
+from megatron_longvila.long_video_sft.clips import (
     Clip,
     ClipConfig,
     find_clips,
     plan_clips,
 )
-from megatron_longvila.data.long_video_sft.prompts import load_templates
-from megatron_longvila.data.long_video_sft.qa_format import format_captions, parse_qa_pairs
-from megatron_longvila.data.long_video_sft.result_cache import ResultCache, video_key
-from megatron_longvila.data.long_video_sft.scenes import FrameDifferences, detect_cuts
-from megatron_longvila.data.long_video_sft.text_generators import HFTextGenerator
-from megatron_longvila.data.synthetic import SyntheticVideoSpec, write_synthetic_video
-from megatron_longvila.data.video import decode_frames, probe_video
-from megatron_longvila.data.vision_transform import decode_image, to_tower_input
+from megatron_longvila.long_video_sft.prompts import load_templates
+from megatron_longvila.long_video_sft.qa_format import format_captions, parse_qa_pairs
+from megatron_longvila.long_video_sft.result_cache import ResultCache, video_key
+from megatron_longvila.long_video_sft.scenes import FrameDifferences, detect_cuts
+from megatron_longvila.long_video_sft.text_generators import HFTextGenerator
 
 FPS, FRAMES = 8, 64
 # One second of minimum clip length = 8 frames; analysis at 4 fps compares every 2nd frame.
@@ -216,7 +216,7 @@ def test_templates_are_overridable_and_checked(tmp_path):
 
 
 def test_captioner_specs(tmp_path):
-    from megatron_longvila.training.checkpointing import CheckpointError
+    from megatron_longvila.checkpoint.layout import CheckpointError
 
     assert parse_captioner_spec("longvila:/checkpoints/run1") == ("longvila", "/checkpoints/run1")
     # A bad checkpoint path fails before the captioner starts a process group.
@@ -255,7 +255,7 @@ def test_wheel_ships_the_prompt_templates(tmp_path):
         capture_output=True,
     )
     (wheel,) = (tmp_path / "dist").glob("*.whl")
-    templates = repo / "megatron_longvila" / "data" / "long_video_sft" / "templates"
+    templates = repo / "megatron_longvila" / "long_video_sft" / "templates"
     shipped = {p.relative_to(repo).as_posix() for p in templates.glob("*.txt")}
     assert len(shipped) == 3
     assert shipped <= set(zipfile.ZipFile(wheel).namelist())
@@ -570,17 +570,17 @@ def longvila_reference_captions(
     from megatron_longvila.data.chat_template import all_template_markers
     from megatron_longvila.data.tokenizer import load_tokenizer
     from megatron_longvila.inference import Generator, load_model_for_inference
-    from megatron_longvila.training.config import SIGLIP_MEAN_STD
 
     initialize_mmsp(MMSPTopology())
     model, source = load_model_for_inference(root)
     tokenizer = load_tokenizer(source.tokenizer_path, all_template_markers())
     generator = Generator(model, tokenizer, chat_template=source.chat_template)
-    size = model.cfg.vision.image_size
+    vision = model.cfg.vision
+    size = vision.image_size
     captions = []
     for pngs, prompt in clips:
         frames = [decode_image(png, size, "pad") for png in pngs]
-        video = to_tower_input(frames, size, "pad", *SIGLIP_MEAN_STD)
+        video = to_tower_input(frames, size, "pad", vision.image_mean, vision.image_std)
         captions.append(generator.generate(prompt, video, max_new_tokens=max_new_tokens).text)
     return [c.strip() for c in captions]
 

@@ -15,8 +15,7 @@ import pytest
 
 def _train(tp: int, pp: int, steps: int, load_dir=None, save_dir=None):
     from megatron.core import parallel_state
-
-    from megatron_longvila.training.tiny_gpt import TinyGPTSettings, train
+    from tiny_gpt import TinyGPTSettings, train
 
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_longvila.core.sequence_parallel import comm_stats
+from megatron_longvila.core.sequence_parallel import comm_stats, traffic
 
 TOLERANCE = 1e-5
 BATCH, HEADS, HEAD_DIM = 2, 8, 8
@@ -166,7 +166,7 @@ def test_measured_bytes_equal_formulas(split_results, split):
     ulysses, ring = split
     for results in split_results[split]:
         for case, result in zip(CASES, results):
-            expected = comm_stats.mmsp_attention_bytes_per_rank(
+            expected = traffic.mmsp_attention_bytes_per_rank(
                 batch=BATCH,
                 seq_len=result["padded"],
                 heads=HEADS,

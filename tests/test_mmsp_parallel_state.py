@@ -29,11 +29,11 @@ TOPOLOGIES = [
 @pytest.mark.parametrize(
     "topology, kwargs, message",
     [
-        (MMSPTopology(tp=2, ulysses=3), {"world_size": 8}, r"world size 8 .* 2×3×1 = 6"),
+        (MMSPTopology(tp=2, ulysses=3), {"world_size": 8}, r"world size 8 .* 2×3×1×1 = 6"),
         (
             MMSPTopology(tp=2, ulysses=4),
             {"world_size": 8, "num_attention_heads": 12},
-            r"num_attention_heads 12 .* tp×ulysses = 2×4 = 8",
+            r"num_attention_heads 12: .* tp×ulysses = 2×4 = 8",
         ),
         (
             MMSPTopology(tp=2, ulysses=2),
@@ -170,7 +170,7 @@ def test_megatron_core_groups_follow_the_rank_order(rank_pools, topology):
 def test_initialize_refuses_a_world_that_does_not_divide(rank_pools):
     messages = rank_pools(8).run(initialize_error, MMSPTopology(ulysses=3, tp=2))
     for message in messages:
-        assert "world size 8 is not divisible by tp×sp×pp = 2×3×1 = 6" in message
+        assert "world size 8 is not divisible by tp×ulysses×ring×pp = 2×3×1×1 = 6" in message
 
 
 def initialize_error(topology: MMSPTopology) -> str:

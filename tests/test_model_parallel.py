@@ -92,12 +92,12 @@ def _run_layout(tp: int, checkpoint_dir: str) -> dict:
     """TP=1: load the HF weights, save a dist checkpoint. TP>1: load that checkpoint."""
     from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 
-    from megatron_longvila.core import platform
-    from megatron_longvila.models.hf_mapping import (
+    from megatron_longvila.convert.hf_mapping import (
         llm_state_from_hf,
         load_full_state,
         vision_state_from_hf,
     )
+    from megatron_longvila.core import platform
     from megatron_longvila.models.llm import LanguageModel
     from megatron_longvila.models.vision import VisionTower
 
@@ -167,8 +167,8 @@ def _run_pipeline(pp: int, checkpoint_dir: str) -> dict:
     from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_longvila.convert.hf_mapping import llm_state_from_hf, load_full_state
     from megatron_longvila.core import platform
-    from megatron_longvila.models.hf_mapping import llm_state_from_hf, load_full_state
     from megatron_longvila.models.llm import LanguageModel
 
     parallel_state.initialize_model_parallel(pipeline_model_parallel_size=pp)

@@ -14,12 +14,12 @@ import math
 import pytest
 import torch
 
-from megatron_longvila.models.config import LongVILAConfig, ProjectorConfig
-from megatron_longvila.models.hf_mapping import (
+from megatron_longvila.convert.hf_mapping import (
     ConversionError,
     projector_state_from_hf,
     projector_state_to_hf,
 )
+from megatron_longvila.models.config import LongVILAConfig, ProjectorConfig
 from megatron_longvila.models.projector import MLPDownsampleProjector, merge_2x2
 
 

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from megatron_longvila.testing import RankFailure, RankTimeout
+from megatron_longvila.core.rank_pool import RankFailure, RankTimeout
 
 
 def _rank_and_sum():
@@ -49,16 +49,16 @@ def test_hang_times_out_naming_the_ranks(ranks2):
 def test_start_retries_when_the_port_is_taken(monkeypatch):
     import socket
 
-    from megatron_longvila import testing
+    from megatron_longvila.core import rank_pool
 
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     ports = iter([taken.getsockname()[1]])
-    real_free_port = testing.free_port
-    monkeypatch.setattr(testing, "free_port", lambda: next(ports, None) or real_free_port())
+    real_free_port = rank_pool.free_port
+    monkeypatch.setattr(rank_pool, "free_port", lambda: next(ports, None) or real_free_port())
     try:
-        with testing.RankPool(2) as pool:
+        with rank_pool.RankPool(2) as pool:
             assert pool.run(_rank_and_sum) == [(0, 3.0), (1, 3.0)]
     finally:
         taken.close()

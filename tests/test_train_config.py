@@ -50,7 +50,8 @@ def test_model_fields_fill_the_data_section(stage_yaml):
             r"model: .*unknown field\(s\) \['hiden_size'\]",
         ),
         (["init.checkpoint=/no/ckpt"], 4, r"init\.checkpoint: /no/ckpt does not exist"),
-        (["data.max_seq_length=6"], 4, r"shorter than 2×sp = 8"),
+        (["data.max_seq_length=6"], 4, r"sequence length 6 is shorter than 2×sp = 2×4 = 8"),
+        (["parallel.tp=4", "parallel.ulysses=1", "parallel.ring=1"], 4, r"num_query_groups 2"),
         (
             ["optimizer.warmup_steps=4"],
             4,

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_longvila.training.checkpointing import CheckpointManager, load_full_tensors
+from megatron_longvila.checkpoint.manager import CheckpointManager
+from megatron_longvila.checkpoint.tensors import load_full_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 900
@@ -26,8 +27,7 @@ TIMEOUT_S = 900
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from megatron_longvila.data.synthetic import make_synthetic_shards
-    from megatron_longvila.data.tokenizer import build_tiny_tokenizer
+    from megatron_longvila.data.synthetic import build_tiny_tokenizer, make_synthetic_shards
 
     root = tmp_path_factory.mktemp("trainer-data")
     build_tiny_tokenizer(root / "tokenizer", vocab_size=400)

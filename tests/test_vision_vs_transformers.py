@@ -15,13 +15,13 @@ import pytest
 import torch
 from hf_models import hf_siglip
 
-from megatron_longvila.models.config import VisionConfig
-from megatron_longvila.models.hf_mapping import (
+from megatron_longvila.convert.hf_mapping import (
     ConversionError,
     vision_config_from_hf,
     vision_config_to_hf,
     vision_state_from_hf,
 )
+from megatron_longvila.models.config import VisionConfig
 
 # image 46 px / patch 14: a 3×3 grid with 4 px the conv never sees (as so400m's 384 px / 14)
 TINY = VisionConfig.preset("tiny", image_size=46)
@@ -30,7 +30,7 @@ TINY = VisionConfig.preset("tiny", image_size=46)
 def _compare(cfg: VisionConfig) -> dict[str, float] | None:
     from megatron.core import parallel_state, tensor_parallel
 
-    from megatron_longvila.models.hf_mapping import load_full_state, vision_state_to_hf
+    from megatron_longvila.convert.hf_mapping import load_full_state, vision_state_to_hf
     from megatron_longvila.models.vision import VisionTower
 
     parallel_state.initialize_model_parallel()

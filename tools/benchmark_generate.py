@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_longvila.benchmarks.sp_sweep import run_sweep
+from megatron_longvila.benchmarks.sp_sweep import ratio_text, run_sweep, split_of, with_ratios
 
 
 @dataclass(frozen=True)
@@ -40,12 +40,6 @@ class Settings:
     new_tokens: int = 32
     preset: str = "tiny"
     seed: int = 0
-
-
-def split_of(sp: int) -> tuple[int, int]:
-    """(ulysses, ring) used for an sp degree: Ulysses up to 2, ring for the rest."""
-    ulysses = 2 if sp % 2 == 0 else 1
-    return ulysses, sp // ulysses
 
 
 def measure(settings: Settings, ulysses: int, ring: int) -> dict[str, Any] | None:
@@ -115,20 +109,7 @@ def measure(settings: Settings, ulysses: int, ring: int) -> dict[str, Any] | Non
         mcore.destroy_model_parallel()
 
 
-def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """KV cache and prefill peak of each row as a fraction of the sp = 1 row's (if measured)."""
-    base = next((r for r in rows if r["sp"] == 1), None)
-    for r in rows:
-        for kind in ("kv_cache", "prefill_peak"):
-            key = f"{kind}_bytes_max"
-            r[f"{kind}_ratio"] = r[key] / base[key] if base else None
-    return rows
-
-
 def markdown_table(rows: list[dict[str, Any]], settings: Settings, device: str) -> str:
-    def ratio(value: float | None) -> str:
-        return "–" if value is None else f"{value:.3f}"
-
     mib = 2**20
     lines = [
         f"LongVILA `{settings.preset}` (random weights), {rows[0]['prompt_tokens']}-token prompt "
@@ -143,8 +124,9 @@ def markdown_table(rows: list[dict[str, Any]], settings: Settings, device: str) 
         lines.append(
             f"| {r['sp']} | {r['ulysses']}×{r['ring']} | {r['prefill_seconds_max']:.3f} "
             f"| {r['decode_tokens_per_second']:.1f} | {r['kv_cache_bytes_max'] / mib:.3f} "
-            f"| {ratio(r['kv_cache_ratio'])} | {r['prefill_peak_bytes_max'] / mib:.2f} "
-            f"| {ratio(r['prefill_peak_ratio'])} | {r['kept_after_prefill_bytes_max'] / mib:.3f} "
+            f"| {ratio_text(r['kv_cache_ratio'])} | {r['prefill_peak_bytes_max'] / mib:.2f} "
+            f"| {ratio_text(r['prefill_peak_ratio'])} "
+            f"| {r['kept_after_prefill_bytes_max'] / mib:.3f} "
             f"| {1 / r['sp']:.3f} |"
         )
     return "\n".join(lines) + "\n"
@@ -154,7 +136,7 @@ def run_all(settings: Settings, run_on_ranks) -> list[dict[str, Any]]:
     rows = []
     for sp in settings.sp_degrees:
         rows += [row for row in run_on_ranks(measure, settings, *split_of(sp)) if row]
-    return with_ratios(rows)
+    return with_ratios(rows, ("kv_cache", "prefill_peak"))
 
 
 def _parse() -> tuple[Settings, int, Path]:

@@ -41,8 +41,11 @@ from megatron.energon.av.av_init import av_open
 from megatron_longvila.data.config import DataConfig
 from megatron_longvila.data.loader import build_train_loader
 from megatron_longvila.data.shard_writer import write_webdataset
-from megatron_longvila.data.synthetic import SyntheticVideoSpec, write_synthetic_video
-from megatron_longvila.data.tokenizer import build_tiny_tokenizer
+from megatron_longvila.data.synthetic import (
+    SyntheticVideoSpec,
+    build_tiny_tokenizer,
+    write_synthetic_video,
+)
 from megatron_longvila.data.video import probe_video, uniform_frame_indices
 from megatron_longvila.data.vision_transform import scaled_size
 

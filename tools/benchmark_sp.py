@@ -30,6 +30,7 @@ from megatron_longvila.benchmarks.workload import (
     GPTShape,
     strategies_for,
 )
+from megatron_longvila.core.rank_pool import rank_runner
 
 PRESETS = {"small": CPU_SMALL, "llama3-8b": LLAMA3_8B}
 
@@ -93,26 +94,12 @@ def main() -> None:
         warmup=a.warmup,
     )
     calibrate = not a.no_calibrate and not on_gpu  # the calibration fits CPU/gloo rates
-    if "WORLD_SIZE" in os.environ:  # under torchrun: this process is one rank
-        from megatron_longvila.core import platform as mlv_platform
-
-        mlv_platform.adapt_megatron_for_cpu()
-        mlv_platform.init_distributed()
-        world = dist.get_world_size()
+    with rank_runner(a.world) as (run, reporter):
+        world = dist.get_world_size() if dist.is_initialized() else a.world
         strategies = strategies_for(world, shape, a.inner)
-        result = run_comparison(
-            shape, strategies, settings, lambda fn, *args: [fn(*args)], a.rounds, calibrate
-        )
-        if dist.get_rank() == 0:
+        result = run_comparison(shape, strategies, settings, run, a.rounds, calibrate)
+        if reporter:
             _finish(result, world, a.out)
-        dist.destroy_process_group()
-        return
-    from megatron_longvila.testing import RankPool
-
-    strategies = strategies_for(a.world, shape, a.inner)
-    with RankPool(a.world) as pool:
-        result = run_comparison(shape, strategies, settings, pool.run, a.rounds, calibrate)
-    _finish(result, a.world, a.out)
 
 
 def _finish(result: dict, world: int, out: Path) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_longvila.benchmarks.sp_sweep import run_sweep
+from megatron_longvila.benchmarks.sp_sweep import ratio_text, run_sweep, split_of, with_ratios
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,6 @@ class Settings:
     preset: str = "tiny"
     packed: bool = False
     seed: int = 0
-
-
-def split_of(sp: int) -> tuple[int, int]:
-    """(ulysses, ring) used for an sp degree: Ulysses up to 2, ring for the rest."""
-    ulysses = 2 if sp % 2 == 0 else 1
-    return ulysses, sp // ulysses
 
 
 def fixed_length_batch(settings: Settings, cfg):
@@ -134,21 +128,7 @@ def measure(settings: Settings, ulysses: int, ring: int) -> dict[str, Any]:
         mcore.destroy_model_parallel()
 
 
-def with_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each row's saved/peak bytes as a fraction of the sp = 1 row's (when measured)."""
-    base = next((r for r in rows if r["sp"] == 1), None)
-    for r in rows:
-        for kind in ("saved", "peak"):
-            r[f"{kind}_ratio"] = (
-                r[f"{kind}_bytes_max"] / base[f"{kind}_bytes_max"] if base else None
-            )
-    return rows
-
-
 def markdown_table(rows: list[dict[str, Any]], settings: Settings, device: str) -> str:
-    def ratio(value: float | None) -> str:
-        return "–" if value is None else f"{value:.3f}"
-
     lines = [
         f"LongVILA `{settings.preset}`, one row of {settings.seq} tokens ({settings.video_frames}"
         f"-frame video + image + text, {'two packed samples' if settings.packed else 'one sample'}"
@@ -161,15 +141,17 @@ def markdown_table(rows: list[dict[str, Any]], settings: Settings, device: str) 
     for r in rows:
         lines.append(
             f"| {r['sp']} | {r['ulysses']}×{r['ring']} | {r['tokens_per_rank']} "
-            f"| {r['saved_bytes_max'] / 2**20:.2f} | {ratio(r['saved_ratio'])} "
-            f"| {r['peak_bytes_max'] / 2**20:.2f} | {ratio(r['peak_ratio'])} | {1 / r['sp']:.3f} |"
+            f"| {r['saved_bytes_max'] / 2**20:.2f} | {ratio_text(r['saved_ratio'])} "
+            f"| {r['peak_bytes_max'] / 2**20:.2f} | {ratio_text(r['peak_ratio'])} "
+            f"| {1 / r['sp']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def run_all(settings: Settings, run_on_ranks) -> list[dict[str, Any]]:
     return with_ratios(
-        [run_on_ranks(measure, settings, *split_of(sp))[0] for sp in settings.sp_degrees]
+        [run_on_ranks(measure, settings, *split_of(sp))[0] for sp in settings.sp_degrees],
+        ("saved", "peak"),
     )
 
 

@@ -88,7 +88,7 @@ def _calibrate_cpu(a: argparse.Namespace) -> None:
     from megatron_longvila.benchmarks.calibration import calibrated_cluster, measure_calibration
     from megatron_longvila.benchmarks.compare import predict
     from megatron_longvila.benchmarks.gpt_step import StepSettings
-    from megatron_longvila.testing import RankPool
+    from megatron_longvila.core.rank_pool import RankPool
 
     settings = StepSettings(seq=a.seq[0] if a.seq else 4096)
     with RankPool(a.world) as pool:

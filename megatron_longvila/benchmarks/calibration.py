@@ -29,6 +29,7 @@ import torch.distributed as dist
 from megatron_longvila.benchmarks import cost_model
 from megatron_longvila.benchmarks.simulator import Cluster, Link
 from megatron_longvila.benchmarks.workload import GPTShape, Strategy
+from megatron_longvila.core.sequence_parallel import traffic
 
 REPEATS = 5
 
@@ -100,12 +101,10 @@ def _link_samples(world: int) -> list[tuple[float, float, float]]:
         exchange = partial(comm_stats.RingExchange, [x], group, "calibration", "p2p")
         samples.append((1, nbytes, _seconds(lambda e=exchange: e().wait())))
         all_to_all = partial(comm_stats.all_to_all, chunks, group, "calibration")
-        samples.append(
-            (world - 1, comm_stats.all_to_all_bytes(nbytes, world), _seconds(all_to_all))
-        )
+        samples.append((world - 1, traffic.all_to_all_bytes(nbytes, world), _seconds(all_to_all)))
         all_reduce = partial(comm_stats.all_reduce_sum, x.clone(), group, "calibration")
         samples.append(
-            (2 * (world - 1), comm_stats.all_reduce_bytes(nbytes, world), _seconds(all_reduce))
+            (2 * (world - 1), traffic.all_reduce_bytes(nbytes, world), _seconds(all_reduce))
         )
     return samples
 

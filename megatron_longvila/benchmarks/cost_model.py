@@ -8,7 +8,7 @@ hidden, ``H``/``G`` query/kv heads, ``d`` head dim, ``f`` ffn hidden, ``V`` voca
 
 **Bytes** (what :func:`comm_stats.counting` measures in the benchmark; tests compare them):
 
-* ``ulysses``/``ring``: ``L`` × :func:`comm_stats.mmsp_attention_bytes_per_rank` with ``H/t`` and
+* ``ulysses``/``ring``: ``L`` × :func:`traffic.mmsp_attention_bytes_per_rank` with ``H/t`` and
   ``G/t`` heads per tensor-parallel rank.
 * ``tp`` (megatron-core tensor parallelism, activations ``X = n·h·e`` bytes): without Megatron's
   TP sequence parallelism, all-reduces of ``X`` — the embedding's output (forward), the attention
@@ -36,7 +36,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatron_longvila.benchmarks.workload import GPTShape, Strategy
-from megatron_longvila.core.sequence_parallel import comm_stats
+from megatron_longvila.core.sequence_parallel import traffic
+from megatron_longvila.core.topology import replicated_kv_heads
 
 SHARDINGS = ("none", "zero1", "zero3")
 BACKWARD_ATTENTION_FLOPS = 2.5  # flash attention backward / forward (five matmuls vs two)
@@ -113,7 +114,7 @@ def step_bytes_per_rank(
 ) -> dict[str, int]:
     """Bytes one rank sends in one training step: ``{"ulysses", "ring", "tp", "dp"}``."""
     t, e = strategy.tp, precision.activation
-    attention = comm_stats.mmsp_attention_bytes_per_rank(
+    attention = traffic.mmsp_attention_bytes_per_rank(
         batch=batch,
         seq_len=seq,
         heads=shape.heads // t,
@@ -138,14 +139,14 @@ def _tensor_parallel_bytes(
     t = strategy.tp
     n = tokens_per_rank(batch, seq, strategy)
     x = n * shape.hidden * e
-    loss_stats = 3 * comm_stats.all_reduce_bytes(n * 4, t)
+    loss_stats = 3 * traffic.all_reduce_bytes(n * 4, t)
     if not training.tp_sequence_parallel:
-        return (4 * shape.layers + 2) * comm_stats.all_reduce_bytes(x, t) + loss_stats
+        return (4 * shape.layers + 2) * traffic.all_reduce_bytes(x, t) + loss_stats
     # Per layer: 2 gathers + 2 scatters forward, their 4 transposes and 2 re-gathers backward;
     # embedding: scatter + its gather; output layer: gather, its scatter and a re-gather.
     # An all-gather of X/t sends as much as a reduce-scatter of X.
     collectives = 10 * shape.layers + 2 + 3
-    return collectives * comm_stats.reduce_scatter_bytes(x, t) + loss_stats
+    return collectives * traffic.reduce_scatter_bytes(x, t) + loss_stats
 
 
 def _gradient_sync_bytes(
@@ -155,11 +156,11 @@ def _gradient_sync_bytes(
     p = params_per_rank(shape, strategy.tp)
     grads, weights = p * precision.grad, p * precision.weight
     if training.sharding == "none":
-        return comm_stats.all_reduce_bytes(grads, n)
-    shard_of_weights = comm_stats.all_gather_bytes(weights // n, n)
+        return traffic.all_reduce_bytes(grads, n)
+    shard_of_weights = traffic.all_gather_bytes(weights // n, n)
     if training.sharding == "zero1":
-        return comm_stats.reduce_scatter_bytes(grads, n) + shard_of_weights
-    return comm_stats.reduce_scatter_bytes(grads, n) + 2 * shard_of_weights
+        return traffic.reduce_scatter_bytes(grads, n) + shard_of_weights
+    return traffic.reduce_scatter_bytes(grads, n) + 2 * shard_of_weights
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +249,7 @@ def layer_activation_bytes(
     h, d, f = shape.hidden, shape.head_dim, shape.ffn_hidden
     heads, kv = shape.heads // t, shape.kv_heads // t
     if strategy.ulysses > 1:
-        qkv = heads + 2 * comm_stats.replicated_kv_heads(kv, strategy.ulysses)
+        qkv = heads + 2 * replicated_kv_heads(kv, strategy.ulysses)
     else:
         qkv = (heads + kv) + (heads + 2 * kv)
     norms = 2 * kernels.norm_tensors * h // (t if training.tp_sequence_parallel else 1)

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from megatron_longvila.benchmarks import cost_model
 from megatron_longvila.benchmarks.cost_model import Precision, Training
 from megatron_longvila.benchmarks.workload import GPTShape, Strategy
-from megatron_longvila.core.sequence_parallel import comm_stats
+from megatron_longvila.core.topology import replicated_kv_heads
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ def _ring_seconds(
     if r == 1:
         return compute[0], backward_factor * compute[0], compute[0]
     link = cluster.link(strategy.world)
-    kv_heads = comm_stats.replicated_kv_heads(shape.kv_heads // strategy.tp, strategy.ulysses)
+    kv_heads = replicated_kv_heads(shape.kv_heads // strategy.tp, strategy.ulysses)
     block = 2 * batch * (seq // r) * (kv_heads // strategy.ulysses) * shape.head_dim
     kv, dkv = link.seconds(block * p.activation), link.seconds(block * p.ring_grad)
     forward = sum(

@@ -7,7 +7,6 @@ The shared front end of the tools that report one row per SP degree (``tools/mea
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -17,8 +16,30 @@ import torch
 import torch.distributed as dist
 
 from megatron_longvila.benchmarks.report import save_json_and_markdown
+from megatron_longvila.core.rank_pool import rank_runner
 
 Rows = list[dict[str, Any]]
+
+
+def split_of(sp: int) -> tuple[int, int]:
+    """(ulysses, ring) used for an sp degree: Ulysses up to 2, ring for the rest."""
+    ulysses = 2 if sp % 2 == 0 else 1
+    return ulysses, sp // ulysses
+
+
+def with_ratios(rows: Rows, kinds: tuple[str, ...]) -> Rows:
+    """Adds ``<kind>_ratio``: each row's ``<kind>_bytes_max`` over the sp = 1 row's (None when
+    sp = 1 was not measured)."""
+    base = next((r for r in rows if r["sp"] == 1), None)
+    for r in rows:
+        for kind in kinds:
+            key = f"{kind}_bytes_max"
+            r[f"{kind}_ratio"] = r[key] / base[key] if base else None
+    return rows
+
+
+def ratio_text(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"
 
 
 def write_rows(
@@ -42,23 +63,13 @@ def run_sweep(
     run_all: Callable[[Any, Callable], Rows],
     table: Callable[..., str],
 ) -> None:
-    """Under torchrun, this process is one rank (rank 0 writes); otherwise start ``world`` gloo
-    ranks. ``settings.sp_degrees`` must divide the world."""
-    if "WORLD_SIZE" in os.environ:
-        from megatron_longvila.core import platform
-
-        platform.adapt_megatron_for_cpu()
-        platform.init_distributed()
-        rows = run_all(settings, lambda fn, *args: [fn(*args)])  # rank 0 reports every row
-        if dist.get_rank() == 0:
-            write_rows(stem, rows, settings, dist.get_world_size(), out, table)
-        dist.destroy_process_group()
-        return
-    from megatron_longvila.testing import RankPool
-
-    for sp in settings.sp_degrees:
-        if world % sp:
-            raise SystemExit(f"--world {world} is not a multiple of sp {sp}")
-    with RankPool(world) as pool:
-        rows = run_all(settings, pool.run)
-    write_rows(stem, rows, settings, world, out, table)
+    """Under torchrun, this process is one rank (rank 0 reports every row); otherwise start
+    ``world`` gloo ranks. ``settings.sp_degrees`` must divide the world."""
+    with rank_runner(world) as (run, reporter):
+        world = dist.get_world_size() if dist.is_initialized() else world
+        for sp in settings.sp_degrees:
+            if world % sp:
+                raise SystemExit(f"world size {world} is not a multiple of sp {sp}")
+        rows = run_all(settings, run)
+        if reporter:
+            write_rows(stem, rows, settings, world, out, table)

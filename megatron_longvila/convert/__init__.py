@@ -10,10 +10,10 @@ Tensor naming and fusions are ``models.hf_mapping``'s; the README's "Checkpoint 
 section documents the conventions. CLI: ``tools/convert_checkpoint.py``.
 """
 
+from megatron_longvila.convert.hf_mapping import ConversionError
 from megatron_longvila.convert.hf_source import HFSource, read_longvila_config
 from megatron_longvila.convert.to_hf import megatron_to_hf
 from megatron_longvila.convert.to_megatron import hf_to_megatron, load_hf_into_model
-from megatron_longvila.models.hf_mapping import ConversionError
 
 __all__ = [
     "ConversionError",

@@ -24,8 +24,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factor
 from megatron.core.dist_checkpointing.state_dict_utils import load_preprocess
 from tqdm import tqdm
 
-from megatron_longvila.convert.names import module_name
-from megatron_longvila.models.hf_mapping import ConversionError
+from megatron_longvila.checkpoint.names import module_name
+from megatron_longvila.convert.hf_mapping import ConversionError
 
 
 class FullTensors(Protocol):

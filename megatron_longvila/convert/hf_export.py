@@ -26,6 +26,11 @@ from typing import Any
 
 import torch
 
+from megatron_longvila.convert.hf_mapping import (
+    ConversionError,
+    llm_config_to_hf,
+    vision_config_to_hf,
+)
 from megatron_longvila.convert.hf_source import (
     LLM_DIR,
     PROJECTOR_DIR,
@@ -35,12 +40,6 @@ from megatron_longvila.convert.hf_source import (
 )
 from megatron_longvila.convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES, write_safetensors
 from megatron_longvila.models.config import LongVILAConfig
-from megatron_longvila.models.hf_mapping import (
-    ConversionError,
-    llm_config_to_hf,
-    vision_config_to_hf,
-)
-from megatron_longvila.training.config import SIGLIP_MEAN_STD
 
 #: Files of a Hugging Face tokenizer folder (whichever exist are copied next to the LLM).
 TOKENIZER_FILES = (
@@ -115,7 +114,6 @@ def _vision_config(cfg: LongVILAConfig, dtype: str) -> Any:
 
 def _preprocessor_config(cfg: LongVILAConfig) -> dict[str, Any]:
     """transformers' SiglipImageProcessor settings for the tower's input size and scaling."""
-    mean, std = SIGLIP_MEAN_STD
     size = cfg.vision.image_size
     return {
         "image_processor_type": "SiglipImageProcessor",
@@ -125,8 +123,8 @@ def _preprocessor_config(cfg: LongVILAConfig) -> dict[str, Any]:
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
-        "image_mean": list(mean),
-        "image_std": list(std),
+        "image_mean": list(cfg.vision.image_mean),
+        "image_std": list(cfg.vision.image_std),
         "do_convert_rgb": True,
     }
 

@@ -16,21 +16,21 @@ the LLM folder's tokenizer the way the data pipeline registers ``<image>`` / ``<
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from megatron_longvila.convert.parts import state_from_hf_parts
-from megatron_longvila.convert.safetensors_io import read_safetensors
-from megatron_longvila.models.config import LongVILAConfig, ProjectorConfig
-from megatron_longvila.models.hf_mapping import (
+from megatron_longvila.convert.hf_mapping import (
     ConversionError,
     llm_config_from_hf,
     projector_state_to_hf,
     vision_config_from_hf,
 )
+from megatron_longvila.convert.parts import state_from_hf_parts
+from megatron_longvila.convert.safetensors_io import read_safetensors
+from megatron_longvila.models.config import LongVILAConfig, ProjectorConfig
 
 LLM_DIR, VISION_DIR, PROJECTOR_DIR = "llm", "vision_tower", "mm_projector"
 TOP_CONFIG = "config.json"
@@ -144,8 +144,9 @@ def read_longvila_config(source: HFSource) -> LongVILAConfig:
     pad = {k: settings[k] for k in ("vocab_pad_multiple",) if k in settings}
     select = settings.get("mm_vision_select_layer", -2)
     image_id, video_id = _media_token_ids(source)
+    vision = vision_config_from_hf(_siglip_vision_config(source.vision_tower), select)
     cfg = LongVILAConfig(
-        vision=vision_config_from_hf(_siglip_vision_config(source.vision_tower), select),
+        vision=replace(vision, **_normalization(source.vision_tower)),
         projector=_projector_config(source),
         llm=llm_config_from_hf(llm_hf, **pad),
         image_token_id=image_id,
@@ -154,6 +155,16 @@ def read_longvila_config(source: HFSource) -> LongVILAConfig:
     )
     _check_agrees(settings, cfg)
     return cfg
+
+
+def _normalization(folder: Path) -> dict[str, tuple[float, ...]]:
+    """``image_mean`` / ``image_std`` of the tower's ``preprocessor_config.json``, where it has
+    them (else the SigLIP defaults stand)."""
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return {}
+    processor = json.loads(path.read_text(encoding="utf-8"))
+    return {k: tuple(processor[k]) for k in ("image_mean", "image_std") if k in processor}
 
 
 def _vision_tensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
-from megatron_longvila.models.hf_mapping import ConversionError
+from megatron_longvila.convert.hf_mapping import ConversionError
 
 
 def check_output(output: str | Path, force: bool, inputs: Iterable[str | Path] = ()) -> Path:

@@ -12,8 +12,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from megatron_longvila.models.config import LongVILAConfig
-from megatron_longvila.models.hf_mapping import (
+from megatron_longvila.convert.hf_mapping import (
     ConversionError,
     llm_state_from_hf,
     llm_state_to_hf,
@@ -22,9 +21,9 @@ from megatron_longvila.models.hf_mapping import (
     vision_state_from_hf,
     vision_state_to_hf,
 )
+from megatron_longvila.models.config import MODULES, LongVILAConfig
 
 Tensors = Mapping[str, torch.Tensor]
-PARTS = ("llm", "vision_tower", "mm_projector")
 
 
 def _converters(cfg: LongVILAConfig) -> dict[str, tuple[Callable, Callable]]:
@@ -45,11 +44,11 @@ def _converters(cfg: LongVILAConfig) -> dict[str, tuple[Callable, Callable]]:
 
 def split_by_part(state: Tensors) -> dict[str, dict[str, torch.Tensor]]:
     """``{"llm": {name without "llm.": tensor}, ...}``; a tensor of no part is an error."""
-    parts: dict[str, dict[str, torch.Tensor]] = {part: {} for part in PARTS}
+    parts: dict[str, dict[str, torch.Tensor]] = {part: {} for part in MODULES}
     for name, tensor in state.items():
         part, _, rest = name.partition(".")
         if part not in parts:
-            raise ConversionError(f"tensor {name!r} belongs to none of the parts {PARTS}")
+            raise ConversionError(f"tensor {name!r} belongs to none of the parts {MODULES}")
         parts[part][rest] = tensor
     return parts
 

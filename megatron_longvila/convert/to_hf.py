@@ -11,21 +11,21 @@ from pathlib import Path
 
 import torch
 
-from megatron_longvila.convert.hf_export import check_tokenizer, write_longvila_folder
-from megatron_longvila.convert.megatron_source import (
+from megatron_longvila.checkpoint.layout import resolve_checkpoint_dir
+from megatron_longvila.checkpoint.tensors import read_model_tensors
+from megatron_longvila.checkpoint.train_state import (
     architecture_from_train_state,
     frames_from_train_state,
-    read_model_tensors,
     read_train_state,
-    resolve_checkpoint_dir,
     tokenizer_from_train_state,
 )
+from megatron_longvila.convert.hf_export import check_tokenizer, write_longvila_folder
+from megatron_longvila.convert.hf_mapping import ConversionError
 from megatron_longvila.convert.outputs import check_output, prepare_output
 from megatron_longvila.convert.parts import hf_parts_from_state
 from megatron_longvila.convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES
 from megatron_longvila.data.config import DataConfig
 from megatron_longvila.models.config import LongVILAConfig
-from megatron_longvila.models.hf_mapping import ConversionError
 
 _DEFAULT_FRAMES = next(f.default for f in fields(DataConfig) if f.name == "num_frames")
 

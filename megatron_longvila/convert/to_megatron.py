@@ -31,12 +31,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_longvila.checkpoint.train_state import MODEL_CONFIG_KEY, model_record
 from megatron_longvila.convert.full_tensors import (
     TensorsInMemory,
     TensorsInSafetensorsFile,
     load_full_tensors_into,
 )
 from megatron_longvila.convert.hf_export import has_tokenizer
+from megatron_longvila.convert.hf_mapping import ConversionError
 from megatron_longvila.convert.hf_source import (
     HFSource,
     read_longvila_config,
@@ -45,28 +47,26 @@ from megatron_longvila.convert.hf_source import (
 from megatron_longvila.convert.outputs import check_output, prepare_output
 from megatron_longvila.convert.safetensors_io import save_tensors_file
 from megatron_longvila.models.config import LongVILAConfig
-from megatron_longvila.models.hf_mapping import ConversionError
-from megatron_longvila.training.checkpointing import FRAMES_KEY, MODEL_CONFIG_KEY, TOKENIZER_KEY
 
 STAGING_DIR = ".staging"
 _WEIGHTS, _META = "weights.safetensors", "conversion.json"
 
 
 def _train_state(source: HFSource, cfg: LongVILAConfig, seed: int) -> dict[str, Any]:
-    """What the converted checkpoint records (read back by :mod:`.megatron_source`)."""
+    """What the converted checkpoint records (:mod:`megatron_longvila.checkpoint.train_state`)."""
     projector = str(source.mm_projector) if source.mm_projector else f"fresh (seed {seed})"
-    state = {
-        MODEL_CONFIG_KEY: cfg.to_dict(),
-        TOKENIZER_KEY: str(source.llm.resolve()) if has_tokenizer(source.llm) else None,
-        FRAMES_KEY: source.settings.get("num_video_frames"),
-        "fps": source.settings.get("fps"),
-        "converted_from": {
-            "llm": str(source.llm),
-            "vision_tower": str(source.vision_tower),
-            "mm_projector": projector,
-        },
+    record = model_record(
+        cfg,
+        tokenizer_path=source.llm.resolve() if has_tokenizer(source.llm) else None,
+        num_frames=source.settings.get("num_video_frames"),
+        fps=source.settings.get("fps"),
+    )
+    converted_from = {
+        "llm": str(source.llm),
+        "vision_tower": str(source.vision_tower),
+        "mm_projector": projector,
     }
-    return {k: v for k, v in state.items() if v is not None}
+    return {**record, "converted_from": converted_from}
 
 
 def stage_hf_weights(
@@ -102,9 +102,9 @@ def write_checkpoint_from_staging(
     """Step 2 on this rank (see the module docstring); returns the checkpoint folder."""
     from megatron.core import parallel_state
 
+    from megatron_longvila.checkpoint.manager import CheckpointManager
     from megatron_longvila.core.parallel_state import MMSPTopology, initialize_mmsp
     from megatron_longvila.models.longvila_step import build_longvila_model
-    from megatron_longvila.training.checkpointing import CheckpointManager
 
     staging = Path(staging)
     meta = json.loads((staging / _META).read_text(encoding="utf-8"))
@@ -130,7 +130,7 @@ def write_checkpoint_from_staging(
 
 
 def _spawned(staging: Path, output: Path, tp: int, pp: int, progress: bool) -> str:
-    from megatron_longvila.testing import RankPool
+    from megatron_longvila.core.rank_pool import RankPool
 
     # CPU processes joined by gloo, whatever accelerators the machine has.
     with RankPool(tp * pp, env={"CUDA_VISIBLE_DEVICES": ""}) as pool:

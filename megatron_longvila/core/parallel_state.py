@@ -1,4 +1,4 @@
-"""The MM-SP topology ``tp × sp × dp × pp`` with ``sp = ulysses × ring``, built by megatron-core.
+"""The process groups of the MM-SP topology (:mod:`.topology`), built by megatron-core.
 
 Rank order, innermost first: tensor parallel, Ulysses (contiguous, so a ``tp × ulysses`` block sits
 in one node and the all-to-all stays on NVLink), ring (hops cross nodes), data parallel, pipeline.
@@ -21,78 +21,17 @@ from typing import Any
 import torch.distributed as dist
 from megatron.core import parallel_state as mcore_parallel_state
 
+from megatron_longvila.core.topology import MMSPTopology
 
-@dataclass(frozen=True)
-class MMSPTopology:
-    """Sizes of the parallel dimensions; ``dp`` follows from the world size."""
 
-    tp: int = 1
-    ulysses: int = 1
-    ring: int = 1
-    pp: int = 1
+def group_size(group: dist.ProcessGroup | None) -> int:
+    """Ranks in ``group``; ``None`` stands for a group of one."""
+    return 1 if group is None else dist.get_world_size(group)
 
-    def __post_init__(self) -> None:
-        for name in ("tp", "ulysses", "ring", "pp"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"MMSPTopology.{name} must be a positive integer, got {value!r}")
 
-    @property
-    def sp(self) -> int:
-        return self.ulysses * self.ring
-
-    @property
-    def model_parallel_size(self) -> int:
-        """Ranks per data-parallel replica: ``tp × sp × pp``."""
-        return self.tp * self.sp * self.pp
-
-    def dp(self, world_size: int) -> int:
-        self.validate(world_size)
-        return world_size // self.model_parallel_size
-
-    def validate(
-        self,
-        world_size: int,
-        num_attention_heads: int | None = None,
-        num_query_groups: int | None = None,
-        seq_length: int | None = None,
-    ) -> None:
-        """Raise ``ValueError`` naming the numbers if this topology cannot run the model/world."""
-        n = self.model_parallel_size
-        if world_size % n:
-            raise ValueError(
-                f"world size {world_size} is not divisible by tp×sp×pp = "
-                f"{self.tp}×{self.sp}×{self.pp} = {n} (sp = ulysses×ring = "
-                f"{self.ulysses}×{self.ring})"
-            )
-        if num_attention_heads is not None:
-            split = self.tp * self.ulysses
-            if num_attention_heads % split:
-                raise ValueError(
-                    f"num_attention_heads {num_attention_heads} is not divisible by tp×ulysses = "
-                    f"{self.tp}×{self.ulysses} = {split}"
-                )
-        if num_query_groups is not None:
-            self._validate_kv_heads(num_query_groups)
-        if seq_length is not None and seq_length < 2 * self.sp:
-            raise ValueError(
-                f"sequence length {seq_length} is shorter than 2×sp = 2×{self.sp} = "
-                f"{2 * self.sp}: every sp rank needs two zigzag chunks"
-            )
-
-    def _validate_kv_heads(self, num_query_groups: int) -> None:
-        if num_query_groups % self.tp:
-            raise ValueError(
-                f"num_query_groups {num_query_groups} (key/value heads) is not divisible by "
-                f"tp {self.tp}"
-            )
-        per_tp = num_query_groups // self.tp
-        if per_tp % self.ulysses and self.ulysses % per_tp:
-            raise ValueError(
-                f"{per_tp} key/value heads per tensor-parallel rank (num_query_groups "
-                f"{num_query_groups} / tp {self.tp}) can neither be split over ulysses="
-                f"{self.ulysses} ranks nor replicated onto them: one must divide the other"
-            )
+def group_rank(group: dist.ProcessGroup | None) -> int:
+    """This rank's index in ``group``; 0 in a group of one (``None``)."""
+    return 0 if group is None else dist.get_rank(group)
 
 
 @dataclass(frozen=True)
@@ -106,37 +45,29 @@ class MMSPGroups:
     ulysses: Any = None
     ring: Any = None
 
-    @staticmethod
-    def _size(group: Any) -> int:
-        return 1 if group is None else dist.get_world_size(group)
-
-    @staticmethod
-    def _rank(group: Any) -> int:
-        return 0 if group is None else dist.get_rank(group)
-
     @property
     def sp_size(self) -> int:
-        return self._size(self.sp)
+        return group_size(self.sp)
 
     @property
     def ulysses_size(self) -> int:
-        return self._size(self.ulysses)
+        return group_size(self.ulysses)
 
     @property
     def ring_size(self) -> int:
-        return self._size(self.ring)
+        return group_size(self.ring)
 
     @property
     def sp_rank(self) -> int:
-        return self._rank(self.sp)
+        return group_rank(self.sp)
 
     @property
     def ulysses_rank(self) -> int:
-        return self._rank(self.ulysses)
+        return group_rank(self.ulysses)
 
     @property
     def ring_rank(self) -> int:
-        return self._rank(self.ring)
+        return group_rank(self.ring)
 
     @classmethod
     def from_pg_collection(cls, pg_collection: Any) -> MMSPGroups:

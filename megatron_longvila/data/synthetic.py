@@ -1,5 +1,7 @@
-"""Synthetic long videos (moving coloured shapes, optional needle frames, optional hard scene
-cuts) encoded with PyAV, and a small caption/QA dataset made of them.
+"""Data made locally for tests and the demo: synthetic long videos (moving coloured shapes,
+optional needle frames, optional hard scene cuts) encoded with PyAV, a small caption/QA dataset
+made of them, long pass-key text, and tiny tokenizers trained on a generated corpus. Nothing is
+downloaded.
 
 A scene cut starts a new scene at a known frame: a background of another brightness and colour
 and shapes of their own, so consecutive scenes differ strongly (shot splitting is tested on them).
@@ -16,14 +18,16 @@ import bisect
 import itertools
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import av
 import numpy as np
 
+from megatron_longvila.data.chat_template import all_template_markers
 from megatron_longvila.data.pixel_font import draw_text_centered
+from megatron_longvila.data.tokenizer import IMAGE_TOKEN, PAD_TOKEN, VIDEO_TOKEN
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -302,8 +306,6 @@ def make_passkey_text_dataset(
 ) -> Path:
     """Text-only long-context samples (for context extension): a pass key hidden at a random
     depth of filler text, then the question. Writes ``out_dir/samples.jsonl`` and returns it."""
-    from megatron_longvila.data.tokenizer import tiny_corpus
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -325,3 +327,91 @@ def make_passkey_text_dataset(
     jsonl = out_dir / "samples.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in records))
     return jsonl
+
+
+# ---- tiny tokenizers made locally (tests, demo) ---------------------------------------------
+
+_TINY_CORPUS_TEXT = """
+the a an is are was of in on at to and or with what which who where when how many much video
+image frame frames scene shows show shown appears appear happens happen moving move moves shape
+shapes square circle triangle colour color red green blue yellow white black orange purple cyan
+magenta background left right up down top bottom centre center number word digit answer question
+describe caption hidden needle haystack there one two three four five six seven eight nine zero
+you helpful assistant user system please yes no it this that first last then while during across
+slowly quickly bright dark large small
+"""
+
+
+def tiny_corpus(lines: int = 400, seed: int = 0) -> list[str]:
+    """Generated English-like lines over a small vocabulary, with digits and punctuation."""
+    rng = random.Random(seed)
+    vocabulary = _TINY_CORPUS_TEXT.split()
+    corpus = []
+    for _ in range(lines):
+        words = [rng.choice(vocabulary) for _ in range(rng.randint(3, 14))]
+        if rng.random() < 0.3:
+            words.insert(rng.randrange(len(words)), str(rng.randint(0, 9999)))
+        corpus.append(" ".join(words).capitalize() + rng.choice([".", "?", "!", ","]))
+    return corpus
+
+
+def build_tiny_tokenizer(
+    folder: str | Path,
+    special_tokens: Iterable[str] = (),
+    corpus: Iterable[str] | None = None,
+    vocab_size: int = 600,
+) -> Path:
+    """Train a byte-level BPE on ``corpus`` (default :func:`tiny_corpus`) and save it as a
+    Hugging Face tokenizer folder. Any text encodes (byte fallback); ``special_tokens`` plus
+    the pad and media tokens are single ids. Nothing is downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = list(
+        dict.fromkeys(
+            [PAD_TOKEN, IMAGE_TOKEN, VIDEO_TOKEN, *all_template_markers(), *special_tokens]
+        )
+    )
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(corpus) if corpus is not None else tiny_corpus(), trainer)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD_TOKEN)
+    hf.save_pretrained(str(folder))
+    return folder
+
+
+def build_tiny_sentencepiece(
+    model_file: str | Path, corpus: Iterable[str] | None = None, vocab_size: int = 400
+) -> Path:
+    """Train a small sentencepiece BPE model at ``model_file`` (``.model``); its pieces know
+    nothing of the pipeline's special tokens, which
+    :class:`~megatron_longvila.data.tokenizer.SentencePieceTokenizer` appends."""
+    import io
+
+    import sentencepiece
+
+    model_file = Path(model_file)
+    if model_file.suffix != ".model":
+        raise ValueError(f"sentencepiece model file must end in .model, got {model_file}")
+    model_file.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(corpus) if corpus is not None else tiny_corpus()),
+        model_writer=buffer,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    model_file.write_bytes(buffer.getvalue())
+    return model_file

@@ -17,15 +17,13 @@ stopped (``--restart`` starts over). Without torchrun it runs as one process.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import sys
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
-from megatron_longvila.core import platform
+from megatron_longvila.checkpoint.layout import CheckpointError
+from megatron_longvila.core import cpu_adaptations, platform
 from megatron_longvila.data.chat_template import TEMPLATES
 from megatron_longvila.data.video import VideoDecodeError
 from megatron_longvila.eval.captioning import CaptionSettings, load_caption_items, run_captioning
@@ -49,9 +47,6 @@ from megatron_longvila.eval.videomme import (
 )
 from megatron_longvila.inference.generate import load_generator
 from megatron_longvila.models.config import ConfigError
-from megatron_longvila.training.checkpointing import CheckpointError
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _int_list(text: str) -> list[int]:
@@ -69,7 +64,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--chat-template", choices=sorted(TEMPLATES))
     model.add_argument("--system-prompt")
     model.add_argument("--model-preset", help="architecture, if the checkpoint records none")
-    model.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    model.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="fp32")
     model.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     model.add_argument("--sp", type=int, help="MM-SP degree (default: world size / tp)")
     model.add_argument("--ulysses", type=int, help="Ulysses part of sp (inside a node)")
@@ -133,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_predictor(args: argparse.Namespace) -> GeneratorPredictor:
     """Initialize the layout, load the checkpoint, wrap it as a predictor."""
-    generator, topology, tokenizer_path = load_generator(args, DTYPES[args.dtype])
+    generator, topology, tokenizer_path = load_generator(args, platform.dtype_from_name(args.dtype))
     description = {
         "checkpoint": str(args.checkpoint),
         "tokenizer": str(tokenizer_path),
@@ -263,22 +258,9 @@ def format_summary(command: str, summary: dict, output: Path) -> str:
     return "\n".join(lines)
 
 
-def _start_single_process() -> None:
-    """Without a launcher, this process is the whole (one-rank) world."""
-    if "RANK" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update(
-        RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _start_single_process()
-    platform.adapt_megatron_for_cpu()
+    cpu_adaptations.adapt_megatron_for_cpu()
     platform.init_distributed()
     try:
         check_inputs(args)

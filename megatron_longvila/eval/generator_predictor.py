@@ -19,12 +19,14 @@ import torch.nn.functional as F
 from megatron_longvila.data.vision_transform import scaled_size, to_tower_input
 from megatron_longvila.eval.predictor import Video
 from megatron_longvila.inference.generator import FrameSettings, Generator
+from megatron_longvila.models.config import VisionConfig
 
 
 def frames_to_tower_input(
-    frames: torch.Tensor, image_size: int, settings: FrameSettings
+    frames: torch.Tensor, vision: VisionConfig, settings: FrameSettings
 ) -> torch.Tensor:
-    """uint8 frames [n, 3, H, W] -> float32 [n, 3, image_size, image_size] for the tower."""
+    """uint8 frames [n, 3, H, W] -> float32 [n, 3, S, S] for the tower (S its image size)."""
+    image_size = vision.image_size
     if frames.dtype != torch.uint8 or frames.dim() != 4 or frames.shape[1] != 3:
         raise ValueError(
             f"frames must be uint8 [n, 3, H, W], got {frames.dtype} {tuple(frames.shape)}"
@@ -35,7 +37,7 @@ def frames_to_tower_input(
         scaled = F.interpolate(frames.float(), size=(out_h, out_w), mode="bilinear", antialias=True)
         frames = scaled.round_().clamp_(0, 255).to(torch.uint8)
     return to_tower_input(
-        list(frames), image_size, settings.resize_mode, settings.image_mean, settings.image_std
+        list(frames), image_size, settings.resize_mode, vision.image_mean, vision.image_std
     )
 
 
@@ -52,8 +54,7 @@ class GeneratorPredictor:
         if num_frames is not None:
             settings = replace(settings, num_frames=num_frames)
         if isinstance(video, torch.Tensor):
-            image_size = self.generator.model.cfg.vision.image_size
-            video = frames_to_tower_input(video, image_size, settings)
+            video = frames_to_tower_input(video, self.generator.model.cfg.vision, settings)
         return video, settings
 
     def answer(

@@ -15,7 +15,7 @@ from megatron_longvila.inference.decoding import (
     score_continuations,
 )
 from megatron_longvila.inference.generator import Answer, FrameSettings, Generator
-from megatron_longvila.inference.loading import inference_metadata, load_model_for_inference
+from megatron_longvila.inference.loading import load_model_for_inference
 from megatron_longvila.inference.sampling import SamplingParams
 
 __all__ = [
@@ -26,7 +26,6 @@ __all__ = [
     "MultimodalPrompt",
     "SamplingParams",
     "generate_tokens",
-    "inference_metadata",
     "load_model_for_inference",
     "score_continuations",
 ]

@@ -25,7 +25,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_longvila.core import platform
+from megatron_longvila.checkpoint.layout import CheckpointError
+from megatron_longvila.core import cpu_adaptations, platform
 from megatron_longvila.core.parallel_state import MMSPTopology, initialize_mmsp
 from megatron_longvila.data.chat_template import TEMPLATES, all_template_markers
 from megatron_longvila.data.tokenizer import load_tokenizer
@@ -33,7 +34,6 @@ from megatron_longvila.data.video import VideoDecodeError
 from megatron_longvila.inference.generator import FrameSettings, Generator
 from megatron_longvila.inference.loading import load_model_for_inference, resolve_checkpoint
 from megatron_longvila.models.config import ConfigError, LongVILAConfig
-from megatron_longvila.training.checkpointing import CheckpointError
 
 MIB = 1 << 20
 
@@ -100,12 +100,6 @@ def choose_topology(
     raise ValueError("; ".join(problems))
 
 
-def _params_dtype(choice: str) -> torch.dtype:
-    if choice == "auto":
-        return torch.bfloat16 if platform.cuda_available() else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[choice]
-
-
 def peak_memory() -> tuple[int, str]:
     """(bytes, what was measured): the allocator's peak on a GPU, the peak RSS on the CPU."""
     if platform.cuda_available():
@@ -163,7 +157,7 @@ def load_generator(
 
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
     """Load, generate, and return the report on rank 0 (None elsewhere)."""
-    generator, topology, _ = load_generator(args, _params_dtype(args.dtype))
+    generator, topology, _ = load_generator(args, platform.dtype_from_name(args.dtype))
     answer = generator.generate(
         args.prompt,
         args.video,
@@ -218,26 +212,9 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _start_single_process() -> None:
-    """Without a launcher, this process is the whole (one-rank) world."""
-    if "RANK" in os.environ:
-        return
-    from megatron_longvila.testing import free_port
-
-    os.environ.update(
-        RANK="0",
-        LOCAL_RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_WORLD_SIZE="1",
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(free_port()),
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    _start_single_process()
-    platform.adapt_megatron_for_cpu()
+    cpu_adaptations.adapt_megatron_for_cpu()
     platform.init_distributed()
     try:
         report = run(args)

@@ -42,8 +42,8 @@ from megatron_longvila.inference.decoding import (
     score_continuations,
 )
 from megatron_longvila.inference.sampling import SamplingParams
+from megatron_longvila.models.config import VisionConfig
 from megatron_longvila.models.longvila import LongVILAModel
-from megatron_longvila.training.config import SIGLIP_MEAN_STD
 
 Video = str | Path | torch.Tensor
 
@@ -69,15 +69,14 @@ class FrameSettings:
     fps: float | None = None
     max_frames: int = 1024
     resize_mode: str = "pad"
-    image_mean: tuple[float, float, float] = SIGLIP_MEAN_STD[0]
-    image_std: tuple[float, float, float] = SIGLIP_MEAN_STD[1]
 
 
 def video_frame_share(
-    path: str | Path, settings: FrameSettings, image_size: int, sp: int, sp_rank: int
+    path: str | Path, settings: FrameSettings, vision: VisionConfig, sp: int, sp_rank: int
 ) -> tuple[int, torch.Tensor | None]:
-    """(frames sampled from the video in all, this rank's share [n, 3, image_size, image_size]
-    fp32 or None): only the share is decoded."""
+    """(frames sampled from the video in all, this rank's share [n, 3, S, S] fp32 or None, S the
+    tower's image size, normalized with its mean/std): only the share is decoded."""
+    image_size = vision.image_size
     data = Path(path).read_bytes()
     info = probe_video(data)
     wanted = frames_to_sample(info, settings.num_frames, settings.fps, settings.max_frames)
@@ -88,7 +87,7 @@ def video_frame_share(
     size = scaled_size(info.width, info.height, image_size, settings.resize_mode)
     frames = decode_frames(data, indices[start:stop], size)
     tensor = to_tower_input(
-        frames, image_size, settings.resize_mode, settings.image_mean, settings.image_std
+        frames, image_size, settings.resize_mode, vision.image_mean, vision.image_std
     )
     return len(indices), tensor
 
@@ -140,7 +139,7 @@ class Generator:
             total, local = video_frame_share(
                 video,
                 frames or self.frames,
-                self.model.cfg.vision.image_size,
+                self.model.cfg.vision,
                 groups.sp_size,
                 groups.sp_rank,
             )

@@ -2,26 +2,16 @@
 
 :func:`load_model_for_inference` accepts
 
-* a checkpoint root of :class:`~megatron_longvila.training.checkpointing.CheckpointManager`
-  (its ``latest`` checkpoint is taken), or one ``iter_NNNNNNN`` folder of it;
-* a bare megatron-core dist checkpoint folder (``.metadata`` inside, e.g. from
-  ``dist_checkpointing.save``);
+* a checkpoint root (its ``latest`` checkpoint is taken), one ``iter_NNNNNNN`` folder of it, or
+  a bare megatron-core dist checkpoint folder (see :mod:`megatron_longvila.checkpoint`);
 * a Hugging Face LongVILA folder (``llm/``, ``vision_tower/``, ``mm_projector/``,
   ``config.json``), read by the checkpoint converter (:mod:`megatron_longvila.convert`), with
   tensor-parallel size 1.
 
 Megatron checkpoints load into any tensor-parallel / MM-SP layout (megatron-core reshards on
-load). The architecture comes from the checkpoint's ``train_state.json`` unless the caller passes
-a :class:`~megatron_longvila.models.config.LongVILAConfig`: key :data:`MODEL_CONFIG_KEY`, the
-resolved architecture the trainer (and :func:`inference_metadata`) records. So do the tokenizer
-and chat template, which only the generation front end (CLI, :class:`~.generator.Generator`)
-needs. The dict nesting of the saved
-state (the trainer's ``{"model": ...}``) does not matter: dist checkpoints store tensors by their
-sharded keys.
-
-Loading never unpickles arbitrary objects: the dist checkpoint's ``.metadata`` passes the
-allow-list check of :func:`~megatron_longvila.training.checkpointing.verify_checkpoint_metadata`
-before megatron-core reads it.
+load). The architecture, tokenizer and chat template come from what the checkpoint records
+(:mod:`megatron_longvila.checkpoint.train_state`) unless the caller passes a
+:class:`~megatron_longvila.models.config.LongVILAConfig`.
 """
 
 from __future__ import annotations
@@ -29,44 +19,32 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import parallel_state
 
+from megatron_longvila.checkpoint.layout import (
+    TRAIN_STATE,
+    CheckpointError,
+    resolve_checkpoint_dir,
+)
+from megatron_longvila.checkpoint.manager import load_model_weights
+from megatron_longvila.checkpoint.train_state import (
+    CHAT_TEMPLATE_KEY,
+    MODEL_CONFIG_KEY,
+    chat_template_from_train_state,
+    read_train_state,
+    tokenizer_from_train_state,
+)
+from megatron_longvila.convert.hf_mapping import load_full_state
 from megatron_longvila.convert.hf_source import (
     HFSource,
     read_longvila_config,
     read_longvila_weights,
 )
-from megatron_longvila.models.config import LongVILAConfig
-from megatron_longvila.models.hf_mapping import load_full_state
+from megatron_longvila.models.config import MODULES, LongVILAConfig
 from megatron_longvila.models.longvila import LongVILAModel
 from megatron_longvila.models.longvila_step import build_longvila_model
-from megatron_longvila.training.checkpointing import (
-    CHAT_TEMPLATE_KEY,
-    MODEL_CONFIG_KEY,
-    TOKENIZER_KEY,
-    TRAIN_STATE,
-    CheckpointError,
-    CheckpointManager,
-    verify_checkpoint_metadata,
-)
-
-HF_PARTS = ("llm", "vision_tower", "mm_projector")
-
-
-def inference_metadata(
-    cfg: LongVILAConfig, tokenizer_path: str | Path | None = None, chat_template: str | None = None
-) -> dict[str, Any]:
-    """Entries for a checkpoint's ``train_state`` (``CheckpointManager.save(..., train_state=)``)
-    that let inference rebuild the model and its prompt format from the checkpoint alone."""
-    meta: dict[str, Any] = {MODEL_CONFIG_KEY: cfg.to_dict()}
-    if tokenizer_path is not None:
-        meta[TOKENIZER_KEY] = str(tokenizer_path)
-    if chat_template is not None:
-        meta[CHAT_TEMPLATE_KEY] = chat_template
-    return meta
 
 
 @dataclass
@@ -87,35 +65,30 @@ class CheckpointSource:
 
 
 def is_hf_folder(path: Path) -> bool:
-    return (path / "config.json").is_file() and all((path / p).is_dir() for p in HF_PARTS)
+    return (path / "config.json").is_file() and all((path / p).is_dir() for p in MODULES)
 
 
 def resolve_checkpoint(path: str | Path) -> CheckpointSource:
     """Find the checkpoint under ``path`` and what it records (no process group needed)."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint path {path} does not exist")
-    if is_hf_folder(path):
+    if path.exists() and is_hf_folder(path):
         return _hf_source(path)
-    directory = path
-    if not (path / ".metadata").is_file():
-        latest = CheckpointManager(path).latest_dir()
-        if latest is None:
-            raise CheckpointError(
-                f"{path} holds no checkpoint: neither a dist checkpoint (.metadata), a checkpoint "
-                f"root with complete iter_* folders, nor a Hugging Face folder "
-                f"({', '.join(f'{p}/' for p in HF_PARTS)}, config.json)"
-            )
-        directory = latest
-    state_file = directory / TRAIN_STATE
-    state = json.loads(state_file.read_text(encoding="utf-8")) if state_file.is_file() else {}
+    try:
+        directory = resolve_checkpoint_dir(path)
+    except CheckpointError as exc:
+        if not path.exists():
+            raise
+        raise CheckpointError(
+            f"{exc}, nor a Hugging Face folder ({', '.join(f'{p}/' for p in MODULES)}, config.json)"
+        ) from None
+    state = read_train_state(directory)
     config = state.get(MODEL_CONFIG_KEY)
     return CheckpointSource(
         kind="megatron",
         directory=directory,
         config=None if config is None else LongVILAConfig.from_dict(config),
-        tokenizer_path=state.get(TOKENIZER_KEY),
-        chat_template=state.get(CHAT_TEMPLATE_KEY),
+        tokenizer_path=tokenizer_from_train_state(state),
+        chat_template=chat_template_from_train_state(state),
     )
 
 
@@ -174,11 +147,6 @@ def load_model_for_inference(
         hf = HFSource.from_folder(source.directory)
         load_full_state(model, read_longvila_weights(hf, read_longvila_config(hf)))
     else:
-        verify_checkpoint_metadata(source.directory)
-        loaded = dist_checkpointing.load(model.sharded_state_dict(), str(source.directory))
-        # dist_checkpointing merges the saved common (non-tensor) state into what it returns:
-        # from a trainer's checkpoint that includes the optimizer's, which the model has no use for.
-        loaded.pop("optimizer", None)
-        model.load_state_dict(loaded)
+        load_model_weights(model, source.directory)
     model.eval()
     return model, source

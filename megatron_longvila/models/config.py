@@ -18,6 +18,11 @@ from typing import Any, Literal, TypeVar
 T = TypeVar("T")
 
 
+#: The three modules of a LongVILA model, as its state dict, checkpoints and Hugging Face folders
+#: name them.
+MODULES = ("vision_tower", "mm_projector", "llm")
+
+
 class ConfigError(ValueError):
     """A config field has a value the model cannot be built with."""
 
@@ -78,8 +83,23 @@ class VisionConfig:
     select_layer: int = -2
     pooling_head: bool = False  # SigLIP's attention-pooling head (never run by LongVILA)
     num_channels: int = 3
+    #: Per-channel normalization of the tower's input, ``(pixel / 255 - mean) / std`` (SigLIP:
+    #: 0.5 and 0.5).
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
     def __post_init__(self) -> None:
+        # Tuples whether built in code or read back from JSON/YAML lists.
+        self.image_mean = tuple(float(v) for v in self.image_mean)
+        self.image_std = tuple(float(v) for v in self.image_std)
+        for name in ("image_mean", "image_std"):
+            _check(
+                len(getattr(self, name)) == self.num_channels,
+                self,
+                name,
+                f"must have one value per channel ({self.num_channels})",
+            )
+        _check(all(v > 0 for v in self.image_std), self, "image_std", "must be > 0")
         _positive(
             self,
             "image_size",
@@ -431,6 +451,23 @@ class LongVILAConfig:
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> LongVILAConfig:
         return _preset(cls, LONGVILA_PRESETS, name, overrides)
+
+    @classmethod
+    def from_preset(cls, name: str, overrides: dict[str, Any] | None = None) -> LongVILAConfig:
+        """Preset ``name`` with nested ``overrides`` merged in, e.g.
+        ``{"llm": {"rope_theta": 1.0e6}}`` changes one field of the LLM."""
+        base = cls.preset(name).to_dict()
+        return cls.from_dict(_merge(base, overrides or {}))
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 LONGVILA_PRESETS: dict[str, LongVILAConfig] = {

@@ -33,13 +33,12 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_longvila.core.parallel_state import group_rank, group_size
 from megatron_longvila.models.config import LLMConfig
 from megatron_longvila.models.rotary import rope_inverse_frequencies, rotary_angles
 from megatron_longvila.models.transformer import (
     build_transformer_config,
     default_process_groups,
-    group_rank,
-    group_size,
     transformer_layer_spec,
 )
 

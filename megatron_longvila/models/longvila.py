@@ -32,7 +32,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_longvila.core.parallel_state import MMSPGroups, MMSPTopology
+from megatron_longvila.core.parallel_state import MMSPGroups, MMSPTopology, group_size
 from megatron_longvila.core.sequence_parallel.attention import MMSPAttention, MMSPPackedSeqParams
 from megatron_longvila.core.sequence_parallel.visual_exchange import deliver_visual_tokens
 from megatron_longvila.data.batch import MultimodalBatch
@@ -40,7 +40,7 @@ from megatron_longvila.models.config import LongVILAConfig
 from megatron_longvila.models.llm import LanguageModel
 from megatron_longvila.models.multimodal_inputs import MMSPInputs, prepare_mmsp_inputs
 from megatron_longvila.models.projector import MLPDownsampleProjector
-from megatron_longvila.models.transformer import default_process_groups, group_size
+from megatron_longvila.models.transformer import default_process_groups
 from megatron_longvila.models.vision import VisionTower
 
 

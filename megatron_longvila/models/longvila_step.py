@@ -32,6 +32,7 @@ from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_longvila.core import platform
+from megatron_longvila.core.parallel_state import group_size
 from megatron_longvila.core.sequence_parallel import comm_stats
 from megatron_longvila.data.batch import MultimodalBatch
 from megatron_longvila.models.config import LongVILAConfig
@@ -95,7 +96,7 @@ def longvila_loss(
     total = losses.float().masked_fill(~valid, 0.0).sum()
     count = valid.sum()
     report = torch.stack([total.detach(), count.to(total.dtype)])
-    if comm_stats.group_size(sp_group) > 1:
+    if group_size(sp_group) > 1:
         comm_stats.all_reduce_sum(report, sp_group, "sp")
     return total, count.to(torch.int), {"lm loss": report}
 

@@ -25,6 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_longvila.core import platform
+from megatron_longvila.core.parallel_state import group_size
 
 
 def transformer_layer_spec(
@@ -72,15 +73,6 @@ def transformer_layer_spec(
 def default_process_groups() -> ProcessGroupCollection:
     """megatron-core's groups from ``parallel_state`` (which must be initialized)."""
     return ProcessGroupCollection.use_mpu_process_groups()
-
-
-def group_size(group: torch.distributed.ProcessGroup | None) -> int:
-    """Size of a process group; 1 for none (the layout has no such parallelism)."""
-    return 1 if group is None else torch.distributed.get_world_size(group)
-
-
-def group_rank(group: torch.distributed.ProcessGroup | None) -> int:
-    return 0 if group is None else torch.distributed.get_rank(group)
 
 
 def build_transformer_config(

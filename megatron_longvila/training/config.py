@@ -13,7 +13,6 @@ model and are filled in when the YAML leaves them out; a YAML value that disagre
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,15 +20,11 @@ from typing import Any, Literal
 
 import yaml
 
+from megatron_longvila.core.topology import MMSPTopology
 from megatron_longvila.data.config import DataConfig
+from megatron_longvila.models.config import MODULES, LongVILAConfig
 from megatron_longvila.models.config import ConfigError as ModelConfigError
-from megatron_longvila.models.config import LongVILAConfig
 from megatron_longvila.training.config_io import ConfigError, apply_overrides, from_dict
-
-MODULES = ("vision_tower", "mm_projector", "llm")
-
-#: The vision tower's input normalization (SigLIP: mean = std = 0.5 per channel).
-SIGLIP_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
 @dataclass
@@ -81,17 +76,14 @@ class ParallelConfig:
     recompute: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("tp", "ulysses", "ring", "pp"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self.topology()  # sizes must be positive integers
+
+    def topology(self) -> MMSPTopology:
+        return MMSPTopology(tp=self.tp, ulysses=self.ulysses, ring=self.ring, pp=self.pp)
 
     @property
     def sp(self) -> int:
         return self.ulysses * self.ring
-
-    @property
-    def model_parallel_size(self) -> int:
-        return self.tp * self.sp * self.pp
 
 
 @dataclass
@@ -111,8 +103,7 @@ class ModelSection:
 
     def build(self) -> LongVILAConfig:
         """The architecture: the preset with ``overrides`` merged in."""
-        base = LongVILAConfig.preset(self.preset).to_dict()
-        return LongVILAConfig.from_dict(_merge(base, self.overrides))
+        return LongVILAConfig.from_preset(self.preset, self.overrides)
 
 
 @dataclass
@@ -159,22 +150,11 @@ class TrainConfig:
         return Path(self.run.output_dir) / "checkpoints"
 
 
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    merged = copy.deepcopy(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def _derived_data_fields(arch: LongVILAConfig) -> dict[str, Any]:
-    mean, std = SIGLIP_MEAN_STD
     return {
         "image_size": arch.vision.image_size,
-        "image_mean": list(mean),
-        "image_std": list(std),
+        "image_mean": list(arch.vision.image_mean),
+        "image_std": list(arch.vision.image_std),
         "tokens_per_frame": arch.tokens_per_frame,
     }
 
@@ -238,28 +218,24 @@ def check_paths(config: TrainConfig) -> None:
 
 
 def check_world(config: TrainConfig, arch: LongVILAConfig, world_size: int) -> None:
-    """Sizes that must divide: world by tp×sp×pp, heads by tp×ulysses, layers by pp."""
-    p = config.parallel
-    if world_size % p.model_parallel_size:
-        raise ConfigError(
-            f"parallel: world size {world_size} is not divisible by tp×ulysses×ring×pp = "
-            f"{p.tp}×{p.ulysses}×{p.ring}×{p.pp} = {p.model_parallel_size}"
+    check_layout(config.parallel, arch, world_size, config.data.max_seq_length)
+
+
+def check_layout(
+    parallel: ParallelConfig, arch: LongVILAConfig, world_size: int, seq_length: int | None
+) -> MMSPTopology:
+    """The layout against the world, the model and the row length, by the one validator
+    (:meth:`MMSPTopology.validate`); returns the topology."""
+    topology = parallel.topology()
+    try:
+        topology.validate(
+            world_size,
+            num_attention_heads=arch.llm.num_heads,
+            num_query_groups=arch.llm.num_kv_heads,
+            seq_length=seq_length,
+            num_layers=arch.llm.num_layers,
+            vision_num_heads=arch.vision.num_heads,
         )
-    heads = arch.llm.num_heads
-    if heads % (p.tp * p.ulysses):
-        raise ConfigError(
-            f"parallel: the LLM's {heads} attention heads are not divisible by "
-            f"tp×ulysses = {p.tp}×{p.ulysses}"
-        )
-    if arch.vision.num_heads % p.tp:
-        raise ConfigError(
-            f"parallel.tp = {p.tp} does not divide the vision tower's {arch.vision.num_heads} heads"
-        )
-    if arch.llm.num_layers % p.pp:
-        raise ConfigError(
-            f"parallel.pp = {p.pp} does not divide the LLM's {arch.llm.num_layers} layers"
-        )
-    if config.data.max_seq_length < 2 * p.sp:
-        raise ConfigError(
-            f"data.max_seq_length = {config.data.max_seq_length} is shorter than 2×sp = {2 * p.sp}"
-        )
+    except ValueError as exc:
+        raise ConfigError(f"parallel: {exc}") from None
+    return topology

@@ -2,8 +2,8 @@
 
 Used by ``examples/slurm/*.sbatch`` (one process per node under ``srun``, each starting
 ``torchrun`` with a c10d rendezvous on the first node) and by hand. ``--dry-run`` prints the
-resolved command and the parallel layout without starting anything, after checking that the
-allocation holds a whole number of model replicas.
+resolved command and the parallel layout without starting anything, after checking the layout
+against the allocation and the model (the trainer's own check).
 
     python -m megatron_longvila.training.launcher --config examples/configs/stage5_long_sft.yaml \
         --dry-run [key=value ...]
@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import yaml
 
-from megatron_longvila.training.config_io import ConfigError, apply_overrides
+from megatron_longvila.models.config import ConfigError as ModelConfigError
+from megatron_longvila.training.config import ModelSection, ParallelConfig, check_layout
+from megatron_longvila.training.config_io import ConfigError, apply_overrides, from_dict
 
 
 @dataclass(frozen=True)
@@ -62,27 +64,19 @@ def _local_gpu_count() -> int:
         return 0
 
 
-def parallel_sizes(tree: dict) -> dict[str, int]:
-    """tp, ulysses, ring, pp from the YAML's ``parallel`` section (defaults 1)."""
-    section = tree.get("parallel") or {}
-    sizes = {}
-    for key in ("tp", "ulysses", "ring", "pp"):
-        value = section.get(key, 1)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"parallel.{key} must be a positive integer, got {value!r}")
-        sizes[key] = value
-    return sizes
-
-
-def layout(sizes: dict[str, int], world_size: int) -> dict[str, int]:
-    """The full layout for ``world_size`` processes; dp is what is left after tp×sp×pp."""
-    model_parallel = sizes["tp"] * sizes["ulysses"] * sizes["ring"] * sizes["pp"]
-    if world_size % model_parallel:
-        raise ConfigError(
-            f"world size {world_size} is not divisible by tp×ulysses×ring×pp = "
-            f"{sizes['tp']}×{sizes['ulysses']}×{sizes['ring']}×{sizes['pp']} = {model_parallel}"
-        )
-    return {**sizes, "sp": sizes["ulysses"] * sizes["ring"], "dp": world_size // model_parallel}
+def resolve_layout(tree: dict, world_size: int) -> dict[str, int]:
+    """The layout of the YAML's ``parallel`` section on ``world_size`` processes (dp is what
+    is left after tp×sp×pp), checked against the model and the row length by the trainer's own
+    check."""
+    parallel = from_dict(ParallelConfig, tree.get("parallel") or {}, "parallel")
+    model = from_dict(ModelSection, tree.get("model") or {}, "model")
+    try:
+        arch = model.build()
+    except ModelConfigError as exc:
+        raise ConfigError(f"model: {exc}") from None
+    data = tree.get("data") or {}
+    seq_length = data.get("max_seq_length") if isinstance(data, dict) else None
+    return check_layout(parallel, arch, world_size, seq_length).layout(world_size)
 
 
 def torchrun_command(
@@ -115,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             tree = yaml.safe_load(handle) or {}
         apply_overrides(tree, args.overrides)
         alloc = Allocation.from_env(dict(os.environ), args.nproc_per_node)
-        resolved = layout(parallel_sizes(tree), alloc.world_size)
+        resolved = resolve_layout(tree, alloc.world_size)
     except (OSError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -28,22 +28,17 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_longvila.core import platform
-from megatron_longvila.core.parallel_state import MMSPTopology, initialize_mmsp
+from megatron_longvila.checkpoint.layout import CheckpointError, resolve_checkpoint_dir
+from megatron_longvila.checkpoint.manager import CheckpointManager
+from megatron_longvila.checkpoint.train_state import model_record
+from megatron_longvila.core import cpu_adaptations, platform
+from megatron_longvila.core.parallel_state import initialize_mmsp
 from megatron_longvila.data.batch import MultimodalBatch
 from megatron_longvila.data.chat_template import get_template
 from megatron_longvila.data.loader import TrainLoader, build_train_loader
 from megatron_longvila.data.tokenizer import TextTokenizer, load_tokenizer
 from megatron_longvila.models.config import LongVILAConfig
 from megatron_longvila.models.longvila_step import build_longvila_model, forward_step
-from megatron_longvila.training.checkpointing import (
-    CHAT_TEMPLATE_KEY,
-    FRAMES_KEY,
-    MODEL_CONFIG_KEY,
-    TOKENIZER_KEY,
-    CheckpointError,
-    CheckpointManager,
-)
 from megatron_longvila.training.config import TrainConfig, load_train_config
 from megatron_longvila.training.config_io import ConfigError, to_dict
 from megatron_longvila.training.run_logger import RunLogger
@@ -63,10 +58,7 @@ def architecture_for(config: TrainConfig, tokenizer: TextTokenizer) -> LongVILAC
 
 
 def precision_of(config: TrainConfig) -> torch.dtype:
-    choice = config.run.precision
-    if choice == "auto":
-        choice = "bf16" if platform.cuda_available() else "fp32"
-    return torch.bfloat16 if choice == "bf16" else torch.float32
+    return platform.dtype_from_name(config.run.precision)
 
 
 def build_model(
@@ -218,19 +210,19 @@ def _memory_gb() -> float:
 def train(config: TrainConfig) -> dict[str, Any]:
     """Run one stage on the current process group; returns a summary (rank 0's view)."""
     p = config.parallel
-    initialize_mmsp(MMSPTopology(tp=p.tp, ulysses=p.ulysses, ring=p.ring, pp=p.pp))
+    initialize_mmsp(p.topology())
     rank0 = dist.get_rank() == 0
 
     tokenizer = load_tokenizer(
         config.data.tokenizer_path, get_template(config.data.chat_template).markers
     )
     arch = architecture_for(config, tokenizer)
-    described = {  # what inference and the converter need, without the training config
-        MODEL_CONFIG_KEY: arch.to_dict(),
-        TOKENIZER_KEY: str(Path(config.data.tokenizer_path).resolve()),
-        CHAT_TEMPLATE_KEY: config.data.chat_template,
-        FRAMES_KEY: config.data.num_frames,
-    }
+    described = model_record(  # what inference and the converter need
+        arch,
+        tokenizer_path=Path(config.data.tokenizer_path).resolve(),
+        chat_template=config.data.chat_template,
+        num_frames=config.data.num_frames,
+    )
     dtype = precision_of(config)
     model = build_model(config, arch, dtype)
     optimizer, scheduler = build_optimizer(config, model, dtype)
@@ -260,9 +252,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 "data position (use it as init.checkpoint to start a new run from its weights)"
             )
     elif config.init.checkpoint:  # start from the previous stage's weights
-        init = CheckpointManager(config.init.checkpoint)
-        directory = init.latest_dir() if init.latest_dir() is not None else config.init.checkpoint
-        loaded = init.load(sharded_state(model, None), directory)
+        directory = resolve_checkpoint_dir(config.init.checkpoint)
+        loaded = CheckpointManager(directory.parent).load(sharded_state(model, None), directory)
         load_model_state(model, loaded.sharded["model"])
 
     logger = RunLogger(
@@ -349,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
 
-    platform.adapt_megatron_for_cpu()
+    cpu_adaptations.adapt_megatron_for_cpu()
     platform.init_distributed()
     if not platform.cuda_available():
         torch.set_num_threads(max(1, torch.get_num_threads() // max(1, dist.get_world_size())))

@@ -30,9 +30,9 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_longvila.core.parallel_state import MMSPGroups, get_mmsp_groups
-from megatron_longvila.core.sequence_parallel.comm_stats import replicated_kv_heads
 from megatron_longvila.core.sequence_parallel.hybrid import hybrid_attention
 from megatron_longvila.core.sequence_parallel.sharding import check_layout
+from megatron_longvila.core.topology import replicated_kv_heads
 
 
 def mmsp_attention(

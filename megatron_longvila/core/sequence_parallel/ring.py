@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_longvila.core.parallel_state import group_rank, group_size
 from megatron_longvila.core.sequence_parallel import comm_stats, kernels
 from megatron_longvila.core.sequence_parallel.sharding import check_layout
 
@@ -80,7 +81,7 @@ def merge_by_lse(
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, segments, group, layout, causal, scale):
-        ring, rank = comm_stats.group_size(group), comm_stats.group_rank(group)
+        ring, rank = group_size(group), group_rank(group)
         b, tokens, heads, _ = q.shape
         out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         lse = torch.full((b, heads, tokens), float("-inf"), dtype=torch.float32, device=q.device)
@@ -121,7 +122,7 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
         group = ctx.group
-        ring, rank = comm_stats.group_size(group), comm_stats.group_rank(group)
+        ring, rank = group_size(group), group_rank(group)
         tokens = q.shape[1]
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         kv = torch.stack([k, v])

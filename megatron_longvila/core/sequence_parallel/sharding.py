@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_longvila.core.parallel_state import group_rank, group_size
 from megatron_longvila.core.sequence_parallel import comm_stats
 
 LAYOUTS = ("zigzag", "contiguous")
@@ -107,7 +108,7 @@ def token_at(
     """x: this rank's shard (sequence along ``dim``); returns the entry at global ``position``
     with ``dim`` removed, on every rank of ``group`` (the rank holding it contributes it to an
     all-reduce, the others zeros: the result is exact)."""
-    sp, rank = comm_stats.group_size(group), comm_stats.group_rank(group)
+    sp, rank = group_size(group), group_rank(group)
     seq_len = x.shape[dim] * sp
     if not 0 <= position < seq_len:
         raise ValueError(f"position {position} is outside the sequence of {seq_len} tokens")
@@ -139,7 +140,7 @@ class _GatherSequence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, group, dim, layout, name):
-        sp, rank = comm_stats.group_size(group), comm_stats.group_rank(group)
+        sp, rank = group_size(group), group_rank(group)
         ctx.group, ctx.dim, ctx.layout, ctx.name, ctx.rank = group, dim, layout, name, rank
         parts = comm_stats.all_gather(x, group, name) if sp > 1 else [x]
         seq_len = x.shape[dim] * sp
@@ -151,7 +152,7 @@ class _GatherSequence(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        sp = comm_stats.group_size(ctx.group)
+        sp = group_size(ctx.group)
         if sp > 1:
             grad = grad.contiguous()
             comm_stats.all_reduce_sum(grad, ctx.group, ctx.name)

@@ -16,7 +16,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_longvila.core.parallel_state import group_size
 from megatron_longvila.core.sequence_parallel import comm_stats
+from megatron_longvila.core.topology import replicated_kv_heads
 
 SEQ_DIM, HEAD_DIM = 1, 2
 
@@ -26,7 +28,7 @@ def _exchange(
 ) -> torch.Tensor:
     """Split ``scatter_dim`` into ``n`` parts sent to ranks ``0..n-1``; concatenate what arrives
     along ``gather_dim`` in source-rank order."""
-    n = comm_stats.group_size(group)
+    n = group_size(group)
     if x.shape[scatter_dim] % n:
         raise ValueError(
             f"Ulysses all-to-all over {n} ranks: dim {scatter_dim} of shape {tuple(x.shape)} "
@@ -52,7 +54,7 @@ def scatter_heads_gather_sequence(
     x: torch.Tensor, group: dist.ProcessGroup | None, name: str = "ulysses"
 ) -> torch.Tensor:
     """``x: [b, s/U, h, d]`` -> ``[b, s, h/U, d]`` (sequence in group-rank order)."""
-    if comm_stats.group_size(group) == 1:
+    if group_size(group) == 1:
         return x
     return _AllToAll.apply(x, group, HEAD_DIM, SEQ_DIM, name)
 
@@ -61,7 +63,7 @@ def gather_heads_scatter_sequence(
     x: torch.Tensor, group: dist.ProcessGroup | None, name: str = "ulysses"
 ) -> torch.Tensor:
     """``x: [b, s, h/U, d]`` -> ``[b, s/U, h, d]``: the inverse of the above."""
-    if comm_stats.group_size(group) == 1:
+    if group_size(group) == 1:
         return x
     return _AllToAll.apply(x, group, SEQ_DIM, HEAD_DIM, name)
 
@@ -74,7 +76,7 @@ def replicate_kv_heads(kv: torch.Tensor, ulysses: int) -> torch.Tensor:
     the kv head of its query heads.
     """
     heads = kv.shape[HEAD_DIM]
-    target = comm_stats.replicated_kv_heads(heads, ulysses)
+    target = replicated_kv_heads(heads, ulysses)
     if target == heads:
         return kv
     return kv.repeat_interleave(target // heads, dim=HEAD_DIM)

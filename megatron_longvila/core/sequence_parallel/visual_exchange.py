@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megatron_longvila.core.parallel_state import group_size
 from megatron_longvila.core.sequence_parallel import comm_stats
 
 
@@ -161,6 +162,6 @@ def deliver_visual_tokens(
             f"{route.num_local_tokens}"
         )
     outgoing = tokens.index_select(0, route.send_index)
-    if comm_stats.group_size(group) == 1:
+    if group_size(group) == 1:
         return outgoing
     return _AllToAllV.apply(outgoing, route.send_counts, route.recv_counts, group, name)

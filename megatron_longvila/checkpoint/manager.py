@@ -1,32 +1,18 @@
 """Crash-safe checkpoints: megatron-core dist_checkpointing inside an atomic directory protocol.
 
-Layout of a checkpoint root::
-
-    root/
-      iter_0000008/              complete: dist checkpoint + train_state.json + rank_*.safetensors
-      iter_0000012.partial/      being written (or left behind by a crash): never loaded
-      latest                     text file naming the newest complete checkpoint
-
 Saving (every rank takes part): rank 0 creates ``iter_N.partial``; all ranks write their shards
 of the model and optimizer (``dist_checkpointing.save``, resharding-aware) and their own
 ``rank_XXXXX.safetensors`` (RNG streams, data-loader position); rank 0 writes
 ``train_state.json`` last, renames the folder to ``iter_N`` and only then replaces ``latest``
 (write-temp-then-``os.replace``). A process killed at any point leaves either the previous
-``latest`` or the new one, never a half-written checkpoint behind the pointer.
-
-Loading never unpickles arbitrary objects: the one pickled file of the torch_dist format
-(``.metadata``) is checked with an allow-list unpickler before megatron-core reads it; common
-state is loaded by torch with ``weights_only=True``; our own files are JSON and safetensors.
+``latest`` or the new one, never a half-written checkpoint behind the pointer (layout:
+:mod:`.layout`; what is safe to load: :mod:`.safety`).
 """
 
 from __future__ import annotations
 
-import importlib
-import io
 import json
 import os
-import pickle
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,106 +23,16 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from safetensors.torch import load_file, save_file
 
-LATEST = "latest"
-TRAIN_STATE = "train_state.json"
-#: ``train_state.json`` entries that describe the model without the training config, read by
-#: inference and the converter: the resolved architecture (``LongVILAConfig.to_dict()``, with
-#: the tokenizer's media token ids), the tokenizer folder or file, the chat template and the
-#: frames per video it was trained with.
-MODEL_CONFIG_KEY = "model_config"
-TOKENIZER_KEY = "tokenizer_path"
-CHAT_TEMPLATE_KEY = "chat_template"
-FRAMES_KEY = "num_video_frames"
-PARTIAL_SUFFIX = ".partial"
-_ITER_RE = re.compile(r"^iter_(\d{7})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or not loadable."""
-
-
-def iteration_dir_name(step: int) -> str:
-    return f"iter_{step:07d}"
-
-
-def rank_file_name(rank: int) -> str:
-    return f"rank_{rank:05d}.safetensors"
-
-
-# ---- safe metadata check ----------------------------------------------------------------------
-
-_SAFE_MODULE_PREFIXES = (
-    "torch.distributed.checkpoint.",
-    "megatron.core.dist_checkpointing.",
+from megatron_longvila.checkpoint import layout
+from megatron_longvila.checkpoint.layout import (
+    LATEST,
+    PARTIAL_SUFFIX,
+    TRAIN_STATE,
+    CheckpointError,
+    iteration_dir_name,
+    rank_file_name,
 )
-_SAFE_GLOBALS = {
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("collections", "OrderedDict"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("builtins", "slice"),
-}
-
-
-class _AllowListUnpickler(pickle.Unpickler):
-    """Resolves only metadata classes of torch's checkpoint format, dtypes and a few builtins."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        obj = super().find_class(module, name) if self._allowed(module, name) else None
-        if obj is None:
-            raise CheckpointError(
-                f"checkpoint metadata refers to {module}.{name}, which is not an allowed type"
-            )
-        return obj
-
-    @staticmethod
-    def _allowed(module: str, name: str) -> bool:
-        if (module, name) in _SAFE_GLOBALS:
-            return True
-        if module == "torch":
-            return isinstance(getattr(torch, name, None), torch.dtype)
-        if module.startswith(_SAFE_MODULE_PREFIXES):
-            # Classes only (metadata dataclasses and enums): never a function to call.
-            return isinstance(getattr(importlib.import_module(module), name, None), type)
-        return False
-
-
-def verify_checkpoint_metadata(directory: str | Path) -> None:
-    """Refuse a torch_dist checkpoint whose pickled ``.metadata`` holds anything but metadata."""
-    path = Path(directory) / ".metadata"
-    if not path.is_file():
-        raise CheckpointError(f"{directory} is not a complete dist checkpoint (no .metadata)")
-    with path.open("rb") as handle:
-        _AllowListUnpickler(io.BufferedReader(handle)).load()
-
-
-def load_full_tensors(directory: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Every tensor of a dist checkpoint whose key starts with ``prefix``, as full CPU tensors.
-
-    Runs in one process without a process group (conversion, comparisons, inspection).
-    Per-layer tensors of a megatron layer stack come back stacked, ``[layers, ...]``.
-    """
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint import load as dcp_load
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    directory = Path(directory)
-    verify_checkpoint_metadata(directory)
-    reader = FileSystemReader(str(directory))
-    metadata = reader.read_metadata()
-    state = {
-        key: torch.empty(meta.size, dtype=meta.properties.dtype)
-        for key, meta in metadata.state_dict_metadata.items()
-        if isinstance(meta, TensorStorageMetadata) and key.startswith(prefix)
-    }
-    if not state:
-        raise CheckpointError(f"{directory} holds no tensors under {prefix!r}")
-    dcp_load(state, storage_reader=reader, no_dist=True)
-    return state
-
-
-# ---- per-rank state ---------------------------------------------------------------------------
+from megatron_longvila.checkpoint.safety import verify_checkpoint_metadata
 
 
 def save_rank_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -153,9 +49,6 @@ def load_rank_state(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     with safe_open(str(path), framework="pt") as handle:
         meta = json.loads((handle.metadata() or {}).get("json", "{}"))
     return load_file(str(path)), meta
-
-
-# ---- the manager ------------------------------------------------------------------------------
 
 
 @dataclass
@@ -177,26 +70,11 @@ class CheckpointManager:
         self.root = Path(root)
         self.keep_last = keep_last
 
-    # ---- discovery --------------------------------------------------------------------------
     def complete_steps(self) -> list[int]:
-        if not self.root.is_dir():
-            return []
-        steps = []
-        for child in self.root.iterdir():
-            match = _ITER_RE.match(child.name)
-            if match and (child / TRAIN_STATE).is_file():
-                steps.append(int(match.group(1)))
-        return sorted(steps)
+        return layout.complete_steps(self.root)
 
     def latest_dir(self) -> Path | None:
-        """The checkpoint ``latest`` points to; falls back to the newest complete one."""
-        pointer = self.root / LATEST
-        if pointer.is_file():
-            candidate = self.root / pointer.read_text(encoding="utf-8").strip()
-            if (candidate / TRAIN_STATE).is_file():
-                return candidate
-        steps = self.complete_steps()
-        return self.root / iteration_dir_name(steps[-1]) if steps else None
+        return layout.latest_dir(self.root)
 
     # ---- save -------------------------------------------------------------------------------
     def save(
@@ -282,6 +160,19 @@ class CheckpointManager:
             rank_tensors=rank_tensors,
             rank_meta=rank_meta,
         )
+
+
+def load_model_weights(model: torch.nn.Module, directory: str | Path) -> None:
+    """Load a dist checkpoint's model tensors into ``model`` (any TP/SP layout of the saver).
+
+    The keys are the model's own sharded keys; optimizer state saved beside them is not read.
+    """
+    verify_checkpoint_metadata(directory)
+    loaded = dist_checkpointing.load(model.sharded_state_dict(), str(directory))
+    # dist_checkpointing merges the saved common (non-tensor) state into what it returns:
+    # from a trainer's checkpoint that includes the optimizer's, which the model has no use for.
+    loaded.pop("optimizer", None)
+    model.load_state_dict(loaded)
 
 
 def _write_atomically(path: Path, text: str) -> None:

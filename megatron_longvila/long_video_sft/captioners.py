@@ -22,6 +22,8 @@ from typing import Protocol
 
 import torch
 
+from megatron_longvila.core.platform import dtype_from_name
+
 
 class Captioner(Protocol):
     """What a captioner implements. A "py:MODULE:FACTORY" plug-in's factory is called as
@@ -30,16 +32,6 @@ class Captioner(Protocol):
     def caption(self, frames: list[torch.Tensor], prompt: str, max_new_tokens: int) -> str:
         """Caption of a clip. frames: uint8 [3, H, W] each, in time order."""
         ...
-
-
-def model_dtype(name: str | None) -> torch.dtype | None:
-    """torch dtype from a name ("bfloat16", "float32", ...); None keeps the folder's dtype."""
-    if name is None:
-        return None
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"dtype={name!r} is not a torch dtype name (e.g. 'bfloat16')")
-    return dtype
 
 
 class HFVisionCaptioner:
@@ -55,7 +47,7 @@ class HFVisionCaptioner:
                 "cannot be placed in a message; add chat_template.jinja to the folder"
             )
         self.model = AutoModelForImageTextToText.from_pretrained(
-            folder, local_files_only=True, dtype=model_dtype(dtype)
+            folder, local_files_only=True, dtype=dtype_from_name(dtype)
         )
         self.model.to(device).eval()
         self.device = device
@@ -100,7 +92,7 @@ def load_captioner(spec: str, device: str = "cpu", dtype: str | None = None) -> 
         return HFVisionCaptioner(target, device=device, dtype=dtype)
     if kind == "longvila":
         # Imported here: megatron-core and the model are needed only by this captioner.
-        from megatron_longvila.data.long_video_sft.longvila_captioner import LongVILACaptioner
+        from megatron_longvila.long_video_sft.longvila_captioner import LongVILACaptioner
 
         return LongVILACaptioner(target, device=device, dtype=dtype)
     module, _, factory = target.rpartition(":")

@@ -16,8 +16,8 @@ import itertools
 import math
 from dataclasses import dataclass
 
-from megatron_longvila.data.long_video_sft.scenes import detect_cuts, frame_differences
 from megatron_longvila.data.video import VideoDecodeError, VideoInfo
+from megatron_longvila.long_video_sft.scenes import detect_cuts, frame_differences
 
 CLIP_METHODS = ("scenes", "fixed")
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from megatron_longvila.core import platform
+from megatron_longvila.checkpoint.layout import CheckpointError
+from megatron_longvila.core import cpu_adaptations, platform
 from megatron_longvila.core.parallel_state import (
     MMSPTopology,
     get_mmsp_topology,
@@ -24,12 +25,10 @@ from megatron_longvila.core.parallel_state import (
     mmsp_is_initialized,
 )
 from megatron_longvila.data.chat_template import all_template_markers
-from megatron_longvila.data.long_video_sft.captioners import model_dtype
 from megatron_longvila.data.tokenizer import load_tokenizer
 from megatron_longvila.data.vision_transform import scale_frames, to_tower_input
 from megatron_longvila.inference import FrameSettings, Generator, load_model_for_inference
 from megatron_longvila.inference.loading import resolve_checkpoint
-from megatron_longvila.training.checkpointing import CheckpointError
 
 
 def join_single_rank_world() -> None:
@@ -39,9 +38,7 @@ def join_single_rank_world() -> None:
     nothing to collide with other workers) and initializes MM-SP on it; a process group or a
     layout that is already there is reused when it is one rank / tp = sp = pp = 1.
     """
-    if not dist.is_initialized():
-        backend = "nccl" if platform.cuda_available() else "gloo"
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    platform.init_single_process()
     if mmsp_is_initialized():
         topology = get_mmsp_topology()
         if topology.model_parallel_size != 1:
@@ -80,14 +77,14 @@ class LongVILACaptioner:
         source = resolve_checkpoint(checkpoint)  # bad paths fail before any process group
         if source.tokenizer_path is None:
             raise CheckpointError(
-                f"{source.directory} records no tokenizer (train_state.json has neither the "
-                "trainer's data.tokenizer_path nor inference_metadata's tokenizer_path)"
+                f"{source.directory} records no tokenizer (train_state.json has neither "
+                "tokenizer_path nor config.data.tokenizer_path)"
             )
         tokenizer = load_tokenizer(source.tokenizer_path, all_template_markers())
-        platform.adapt_megatron_for_cpu()
+        cpu_adaptations.adapt_megatron_for_cpu()
         join_single_rank_world()
         model, _ = load_model_for_inference(
-            checkpoint, params_dtype=model_dtype(dtype) or torch.float32
+            checkpoint, params_dtype=platform.dtype_from_name(dtype) or torch.float32
         )
         self.frames = FrameSettings()
         self.generator = Generator(
@@ -97,9 +94,9 @@ class LongVILACaptioner:
     def tower_input(self, frames: list[torch.Tensor]) -> torch.Tensor:
         """uint8 frames [3, H, W] -> the vision tower's float input [n, 3, S, S] (S: the
         tower's image size), scaled and normalized as in training."""
-        size, mode = self.generator.model.cfg.vision.image_size, self.frames.resize_mode
-        scaled = scale_frames(frames, size, mode)
-        return to_tower_input(scaled, size, mode, self.frames.image_mean, self.frames.image_std)
+        vision, mode = self.generator.model.cfg.vision, self.frames.resize_mode
+        scaled = scale_frames(frames, vision.image_size, mode)
+        return to_tower_input(scaled, vision.image_size, mode, vision.image_mean, vision.image_std)
 
     def caption(self, frames: list[torch.Tensor], prompt: str, max_new_tokens: int) -> str:
         # Greedy (the default temperature 0); prefill moves the frames to the model's device.

@@ -14,16 +14,16 @@ import tempfile
 import pytest
 import torch
 
-from megatron_longvila.core import platform
+from megatron_longvila.core import cpu_adaptations, platform
 
-ADAPTATION_NAMES = [a.name for a in platform.ADAPTATIONS]
+ADAPTATION_NAMES = [a.name for a in cpu_adaptations.ADAPTATIONS]
 
 
 # ---- checks (run on every rank of a 2-rank pool) ----------------------------------------------
 
 
 def _tiny_ddp_model():
-    from megatron_longvila.training import tiny_gpt
+    import tiny_gpt
 
     settings = tiny_gpt.TinyGPTSettings(num_layers=1, hidden_size=16, num_attention_heads=2)
     return tiny_gpt, settings, tiny_gpt.build_model(settings)
@@ -260,7 +260,7 @@ def _without_then_with(name: str, *args):
     from megatron.core import parallel_state
 
     check = CHECKS[name]
-    platform.undo_megatron_adaptations((name,))
+    cpu_adaptations.undo_megatron_adaptations((name,))
     try:
         check(*args)
         failure = None
@@ -268,7 +268,7 @@ def _without_then_with(name: str, *args):
         failure = f"{type(exc).__name__}: {exc}"
     finally:
         parallel_state.destroy_model_parallel()
-        platform.adapt_megatron_for_cpu(names=(name,))
+        cpu_adaptations.adapt_megatron_for_cpu(names=(name,))
     torch.distributed.barrier()
     check(*args)
     return failure
@@ -279,7 +279,7 @@ def _without_then_with(name: str, *args):
 
 def test_every_adaptation_has_a_check():
     assert set(CHECKS) == set(ADAPTATION_NAMES)
-    for adaptation in platform.ADAPTATIONS:
+    for adaptation in cpu_adaptations.ADAPTATIONS:
         assert adaptation.adapts and adaptation.why, adaptation.name
 
 
@@ -296,18 +296,18 @@ def test_import_changes_nothing():
     """Importing every module of the package leaves torch and megatron-core untouched."""
     probe = r"""
 import importlib, pkgutil, torch
-from megatron_longvila.core import platform
+from megatron_longvila.core import cpu_adaptations
 before = {}
-for a in platform.ADAPTATIONS:
+for a in cpu_adaptations.ADAPTATIONS:
     before[a.name] = getattr(a.target(), a.attribute)
 current_device = torch.cuda.current_device
 import megatron_longvila
 for info in pkgutil.walk_packages(megatron_longvila.__path__, "megatron_longvila."):
     importlib.import_module(info.name)
-for a in platform.ADAPTATIONS:
+for a in cpu_adaptations.ADAPTATIONS:
     assert getattr(a.target(), a.attribute) is before[a.name], a.name
 assert torch.cuda.current_device is current_device
-assert not platform.adaptations_active()
+assert not cpu_adaptations.adaptations_active()
 print("untouched")
 """
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
@@ -316,7 +316,7 @@ print("untouched")
 
 
 def test_cpu_view_maps_only_cuda_devices():
-    view = platform.CpuTorchView()
+    view = cpu_adaptations.CpuTorchView()
     assert view.zeros(2, device="cuda").device.type == "cpu"
     assert view.empty_like(torch.ones(2), device=torch.device("cuda", 0)).device.type == "cpu"
     assert view.tensor([1], device="cpu").device.type == "cpu"
@@ -326,7 +326,7 @@ def test_cpu_view_maps_only_cuda_devices():
 
 def test_adapt_is_a_no_op_with_cuda_unless_forced(monkeypatch):
     monkeypatch.setattr(platform, "cuda_available", lambda: True)
-    assert platform.adapt_megatron_for_cpu() is False
-    assert not platform.adaptations_active()
+    assert cpu_adaptations.adapt_megatron_for_cpu() is False
+    assert not cpu_adaptations.adaptations_active()
     with pytest.raises(ValueError, match="unknown adaptation"):
-        platform.adapt_megatron_for_cpu(force=True, names=("no_such_spot",))
+        cpu_adaptations.adapt_megatron_for_cpu(force=True, names=("no_such_spot",))

@@ -4,7 +4,8 @@ State dicts here are full tensors (tensor-parallel size 1), named as ``module.st
 names them on each side; splitting them for other layouts is megatron's ``sharded_state_dict``
 job. Nothing is rounded or re-initialised: HF → ours → HF gives back the same bits.
 
-LLM (``Qwen2ForCausalLM``, ``LlamaForCausalLM`` ↔ :class:`~.llm.LanguageModel`):
+LLM (``Qwen2ForCausalLM``, ``LlamaForCausalLM`` ↔
+:class:`~megatron_longvila.models.llm.LanguageModel`):
 
 * q, k, v projections (weights and Qwen2's biases) fuse into ``linear_qkv`` in megatron's
   per-query-group layout: for each of the ``num_kv_heads`` groups, that group's
@@ -18,13 +19,14 @@ LLM (``Qwen2ForCausalLM``, ``LlamaForCausalLM`` ↔ :class:`~.llm.LanguageModel`
   they are cut off. With tied embeddings ours has no ``output_layer.weight``; HF's
   ``lm_head.weight`` must equal the embedding and is written back as a copy of it.
 
-Vision (``SiglipVisionModel`` ↔ :class:`~.vision.VisionTower`): q, k, v fuse per head (each head
-is its own query group); ``post_layernorm`` is ``encoder.final_layernorm``; the pooling head
-keeps its names. Keys are read with or without the ``vision_model.`` prefix of transformers 4
-checkpoints and written without it, as transformers 5 names them (it loads either).
+Vision (``SiglipVisionModel`` ↔ :class:`~megatron_longvila.models.vision.VisionTower`): q, k,
+v fuse per head (each head is its own query group); ``post_layernorm`` is
+``encoder.final_layernorm``; the pooling head keeps its names. Keys are read with or without
+the ``vision_model.`` prefix of transformers 4 checkpoints and written without it, as
+transformers 5 names them (it loads either).
 
 Projector (VILA's ``mm_projector``: ``layers.1`` LayerNorm, ``layers.2``/``layers.4`` Linear ↔
-:class:`~.projector.MLPDownsampleProjector` ``norm``/``fc1``/``fc2``).
+:class:`~megatron_longvila.models.projector.MLPDownsampleProjector` ``norm``/``fc1``/``fc2``).
 """
 
 from __future__ import annotations

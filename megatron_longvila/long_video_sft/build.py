@@ -34,22 +34,22 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from megatron_longvila.data.long_video_sft.annotate import (
+from megatron_longvila.data.sample_format import VIDEO_EXTENSIONS
+from megatron_longvila.data.shard_writer import WriteReport, write_webdataset
+from megatron_longvila.data.video import VideoDecodeError
+from megatron_longvila.long_video_sft.annotate import (
     AnnotationConfig,
     AnnotationError,
     VideoAnnotator,
 )
-from megatron_longvila.data.long_video_sft.captioners import load_captioner, parse_captioner_spec
-from megatron_longvila.data.long_video_sft.prompts import PromptTemplates, load_templates
-from megatron_longvila.data.long_video_sft.result_cache import (
+from megatron_longvila.long_video_sft.captioners import load_captioner, parse_captioner_spec
+from megatron_longvila.long_video_sft.prompts import PromptTemplates, load_templates
+from megatron_longvila.long_video_sft.result_cache import (
     ResultCache,
     fingerprint,
     video_key,
 )
-from megatron_longvila.data.long_video_sft.text_generators import HFTextGenerator
-from megatron_longvila.data.sample_format import VIDEO_EXTENSIONS
-from megatron_longvila.data.shard_writer import WriteReport, write_webdataset
-from megatron_longvila.data.video import VideoDecodeError
+from megatron_longvila.long_video_sft.text_generators import HFTextGenerator
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import torch
 
-from megatron_longvila.data.long_video_sft.captioners import model_dtype
+from megatron_longvila.core.platform import dtype_from_name
 
 
 class TextGenerator(Protocol):
@@ -30,7 +30,7 @@ class HFTextGenerator:
 
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         self.model = AutoModelForCausalLM.from_pretrained(
-            folder, local_files_only=True, dtype=model_dtype(dtype)
+            folder, local_files_only=True, dtype=dtype_from_name(dtype)
         )
         self.model.to(device).eval()
         self.device = device

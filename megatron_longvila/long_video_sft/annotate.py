@@ -13,11 +13,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from megatron_longvila.data.long_video_sft.captioners import Captioner
-from megatron_longvila.data.long_video_sft.clips import Clip, ClipConfig, find_clips
-from megatron_longvila.data.long_video_sft.prompts import PromptTemplates
-from megatron_longvila.data.long_video_sft.qa_format import format_captions, parse_qa_pairs
-from megatron_longvila.data.long_video_sft.text_generators import TextGenerator
 from megatron_longvila.data.tokenizer import VIDEO_TOKEN
 from megatron_longvila.data.video import (
     VideoInfo,
@@ -25,6 +20,11 @@ from megatron_longvila.data.video import (
     decode_frames,
     uniform_frame_indices,
 )
+from megatron_longvila.long_video_sft.captioners import Captioner
+from megatron_longvila.long_video_sft.clips import Clip, ClipConfig, find_clips
+from megatron_longvila.long_video_sft.prompts import PromptTemplates
+from megatron_longvila.long_video_sft.qa_format import format_captions, parse_qa_pairs
+from megatron_longvila.long_video_sft.text_generators import TextGenerator
 
 
 class AnnotationError(ValueError):

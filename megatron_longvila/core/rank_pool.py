@@ -13,7 +13,10 @@ by reference) and its arguments to every rank and returns the per-rank results i
   leak topology into each other.
 
 Workers run with one intra-op thread each (a small machine runs many ranks) and call
-:func:`megatron_longvila.core.platform.adapt_megatron_for_cpu`, as every launcher does.
+:func:`megatron_longvila.core.cpu_adaptations.adapt_megatron_for_cpu`, as every launcher does.
+
+:func:`rank_runner` is the front end of the tools that run either under a launcher (this process
+is one rank) or on a pool of their own.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch.multiprocessing as mp
@@ -71,9 +74,9 @@ def _worker_main(
         import torch
 
         torch.set_num_threads(1)
-        from megatron_longvila.core import platform
+        from megatron_longvila.core import cpu_adaptations, platform
 
-        platform.adapt_megatron_for_cpu()
+        cpu_adaptations.adapt_megatron_for_cpu()
         platform.init_distributed(backend="gloo", timeout_s=DEFAULT_TIMEOUT_S)
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
@@ -286,3 +289,31 @@ def run_on_ranks(
     """One-off convenience: start a pool, run ``fn`` once, stop the pool."""
     with RankPool(world_size) as pool:
         return pool.run(fn, *args, timeout_s=timeout_s, **kwargs)
+
+
+Runner = Callable[..., list[Any]]
+
+
+@contextlib.contextmanager
+def rank_runner(world_size: int) -> Iterator[tuple[Runner, bool]]:
+    """``(run, reporter)``: ``run(fn, *args)`` runs ``fn`` on every rank and returns what this
+    process sees, and ``reporter`` says whether this process writes the results.
+
+    Under a launcher (``WORLD_SIZE`` set) this process is one rank of the launched world:
+    ``run`` returns ``[fn(*args)]`` and rank 0 reports. Otherwise a :class:`RankPool` of
+    ``world_size`` gloo ranks runs ``fn`` and returns every rank's result.
+    """
+    if "WORLD_SIZE" in os.environ:
+        import torch.distributed as dist
+
+        from megatron_longvila.core import cpu_adaptations, platform
+
+        cpu_adaptations.adapt_megatron_for_cpu()
+        platform.init_distributed()
+        try:
+            yield (lambda fn, *args, **kwargs: [fn(*args, **kwargs)]), dist.get_rank() == 0
+        finally:
+            dist.destroy_process_group()
+        return
+    with RankPool(world_size) as pool:
+        yield pool.run, True

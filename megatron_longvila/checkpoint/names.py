@@ -23,7 +23,7 @@ from collections.abc import Mapping
 
 import torch
 
-from megatron_longvila.models.hf_mapping import ConversionError
+from megatron_longvila.checkpoint.layout import CheckpointError
 from megatron_longvila.models.transformer import transformer_layer_spec
 
 #: Module paths of the transformer blocks whose layers megatron stacks under one sharded key.
@@ -47,10 +47,10 @@ def module_name(key: str, layer: int | None = None) -> str:
     stack = layer_stack_of(key)
     if stack is None:
         if layer is not None:
-            raise ConversionError(f"sharded key {key!r} is not a layer stack (layer {layer} given)")
+            raise CheckpointError(f"sharded key {key!r} is not a layer stack (layer {layer} given)")
         return key
     if layer is None:
-        raise ConversionError(f"sharded key {key!r} is a layer stack: a layer index is needed")
+        raise CheckpointError(f"sharded key {key!r} is a layer stack: a layer index is needed")
     rest = key[len(stack) :]
     for module_prefix, sharded_prefix in _KEYS_MAP.items():
         if rest.startswith(sharded_prefix):
