@@ -126,6 +126,20 @@ def _varlen_fits(backend: str, q: Tensor) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def forced_backend(name: str) -> Iterator[None]:
+    """Run the code inside with ``MLV_ATTENTION_BACKEND=name`` (restored afterwards)."""
+    before = os.environ.get("MLV_ATTENTION_BACKEND")
+    os.environ["MLV_ATTENTION_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["MLV_ATTENTION_BACKEND"]
+        else:
+            os.environ["MLV_ATTENTION_BACKEND"] = before
+
+
 def select_backend(q: Tensor, mask: Tensor | None = None) -> str:
     """The kernel for a block of ``q`` (its device, dtype and head dim), with or without an
     explicit ``mask`` (which only ``math`` takes)."""
