@@ -14,6 +14,7 @@ import torch
 
 from megatron_longvila.benchmarks import gpu_check
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 EQUALITY = [c for c in gpu_check.CHECKS if c.equality]
 
 

@@ -30,6 +30,7 @@ from megatron_longvila.core.sequence_parallel.rectangles import (
 )
 from megatron_longvila.core.sequence_parallel.ring import block_plan, simulated_ring_attention
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 TOLERANCE = 1e-5
 
 
@@ -157,6 +158,17 @@ def test_backend_selection_is_one_place(monkeypatch):
     monkeypatch.setenv("MLV_ATTENTION_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="nonsense"):
         kernels.select_backend(q)
+
+
+def test_a_causal_block_must_be_square():
+    """Kernels align a non-square causal mask differently (top-left in TE and PyTorch,
+    bottom-right in flash-attn): such a block is refused; rectangles are square when causal."""
+    q, k = torch.zeros(1, 4, 2, 8), torch.zeros(1, 6, 2, 8)
+    with pytest.raises(ValueError, match="top-left"):
+        kernels.block_forward(q, k, k, scale=1.0, causal=True)
+    segments = torch.tensor([[0, 0, 1, 1, 1, 2, 2, -1, 3, 3, 0, 0]])
+    plan = plan_rectangles(segments, segments, causal=True)
+    assert all(r.q_len == r.k_len and r.q_start == r.k_start for r in plan.rectangles if r.causal)
 
 
 def test_block_plan_zigzag_and_contiguous():

@@ -212,7 +212,7 @@ PACKED_SEGMENTS = [0] * 100 + [1] * 600 + [2] + [3] * 283 + [-1] * 40
 
 def rectangles_equality(device: torch.device) -> list[Row]:
     """Packed rectangles through flash-attn varlen / TE thd (one call per group) against the
-    fp32 math kernel with the explicit mask: a diagonal block and an earlier block."""
+    fp32 math kernel with the explicit mask: a causal diagonal block and a non-causal one."""
     rows = _not_installed_rows("rectangles")
     segments = torch.tensor([PACKED_SEGMENTS, list(reversed(PACKED_SEGMENTS))])
     seq = segments.shape[1]
