@@ -46,7 +46,12 @@ setup(
     extras_require={
         # apex is built from NVIDIA's source (github.com/NVIDIA/apex); the PyPI package named
         # "apex" is unrelated and is deliberately not listed.
-        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+        # The kernel adapters (core/sequence_parallel/gpu_kernels.py) follow the private entry
+        # points as read in the sources of TE 2.8.0 through 2.20.2 (2.15 changed the layout and
+        # dtype arguments) and of flash-attn 2.6.3, 2.7.0 and 2.8.3 (2.7 changed the window
+        # arguments and return values); TE 2.20 accepts flash-attn < 2.8.4. Newer releases are
+        # outside the ranges until they are read and `make gpu-check` passes on them.
+        "gpu": ["transformer-engine[pytorch]>=2.8,<2.21", "flash-attn>=2.6.3,<2.9"],
         "test": ["pytest>=8", "ruff"],
     },
     entry_points={

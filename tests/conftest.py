@@ -6,6 +6,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 
 import pytest
+import torch
 
 from megatron_longvila.core.rank_pool import RankPool
 
@@ -43,3 +44,13 @@ def _pool_fixture(world_size: int):
 ranks2 = _pool_fixture(2)
 ranks4 = _pool_fixture(4)
 ranks8 = _pool_fixture(8)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread for tests of many tiny ops: on a shared machine the threads' hand-offs
+    cost far more than they compute (measured 30× slower with two on two loaded cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

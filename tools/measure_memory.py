@@ -13,10 +13,8 @@ tensor storages on CPU):
   included, a small part for the tiny model).
 
 With the sequence split over ``sp`` ranks (frames by stage 1, tokens by stage 2), both should
-fall close to ``1/sp``. Packed rows need segment masks, which the attention kernels take as
-explicit ``[s, s]`` masks on their math path: quadratic in the tokens per block, so with
-``--packed`` the peak is dominated by attention scores. Writes ``measure_memory.json`` and
-``measure_memory.md``::
+fall close to ``1/sp``, packed rows (``--packed``; attention over the rectangles where a segment
+meets itself, no mask) included. Writes ``measure_memory.json`` and ``measure_memory.md``::
 
     python tools/measure_memory.py --world 4 --sp 1 2 4 --seq 8192 --out runs/measure_memory
     torchrun --nproc-per-node 4 tools/measure_memory.py --sp 1 2 4

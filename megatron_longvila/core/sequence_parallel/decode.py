@@ -38,7 +38,7 @@ import torch
 from megatron_longvila.core.parallel_state import MMSPGroups, get_mmsp_groups
 from megatron_longvila.core.sequence_parallel import comm_stats, kernels
 from megatron_longvila.core.sequence_parallel.attention import MMSPPackedSeqParams, mmsp_attention
-from megatron_longvila.core.sequence_parallel.ring import merge_by_lse
+from megatron_longvila.core.sequence_parallel.kernels import merge_by_lse
 from megatron_longvila.core.sequence_parallel.sharding import shard_token_indices
 
 

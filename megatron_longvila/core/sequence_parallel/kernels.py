@@ -6,80 +6,159 @@ Ring attention merges partial results by their log-sum-exp, and its backward fee
 * :func:`block_forward` ``(q, k, v) -> (out, lse)``
 * :func:`block_backward` ``(dout, q, k, v, out, lse) -> (dq, dk, dv)`` with ``out``/``lse`` those
   of the whole row (all blocks merged), which makes the block's gradients exact.
+* :func:`rectangles_forward` / :func:`rectangles_backward`: the same for a block of packed rows,
+  given its :class:`~.rectangles.RectanglePlan` (the pieces where a segment meets itself): one
+  dense kernel call per rectangle, or one variable-length call per group of rectangles on GPUs.
 
 Shapes: ``q: [b, sq, hq, d]``, ``k, v: [b, sk, hkv, d]`` (``hkv`` divides ``hq``; query head ``h``
 uses kv head ``h // (hq / hkv)``), ``out: [b, sq, hq, d]``, ``lse: [b, hq, sq]`` float32.
-A block is either unmasked, causal (``sq == sk``, query ``i`` sees keys ``0..i``), or given an
-explicit boolean ``mask: [b, sq, sk]`` (True = may attend; packed segments). A query row that may
-attend to nothing gets ``out = 0`` and ``lse = -inf``, and zero gradients, never NaN.
+A dense block is unmasked or causal (``sq == sk``, query ``i`` sees keys ``0..i``). The ``math``
+kernel also takes an explicit boolean ``mask: [b, sq, sk]`` (True = may attend): the reference
+for arbitrary masks, which no fast kernel covers. A query row that may attend to nothing gets
+``out = 0`` and ``lse = -inf``, and zero gradients, never NaN.
 
-This module is the one place that chooses a backend (:func:`select_backend`):
+This module is the one place that chooses a backend (:func:`select_backend`), in this order:
 
+* ``flash_attn``: the flash-attn package (CUDA, fp16/bf16, head dim a multiple of 8 up to 256);
+* ``te_fused``: Transformer Engine's fused attention (CUDA, fp16/bf16, cuDNN);
 * ``cpu_flash``: PyTorch's CPU flash kernel
   (``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward op);
-* ``flash_attn``: the flash-attn package (CUDA, fp16/bf16), when installed;
-* ``te_fused``: Transformer Engine's fused attention (CUDA, fp16/bf16), when installed;
-* ``math``: explicit softmax in fp32 (or fp64), exact; the path for explicit masks and the
-  fallback for everything else.
+* ``math``: explicit softmax in fp32 (or fp64), exact; the fallback for everything else.
 
-``MLV_ATTENTION_BACKEND`` forces a backend (e.g. ``math``) for comparisons.
+The GPU adapters live in :mod:`.gpu_kernels`. ``MLV_ATTENTION_BACKEND`` forces a backend (e.g.
+``math``) for comparisons; a forced backend that cannot run a block raises, naming the backend,
+dtype, head dim and device, rather than handing the block to another one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
-import inspect
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from megatron_longvila.core.sequence_parallel import gpu_kernels
+from megatron_longvila.core.sequence_parallel.rectangles import Rectangle, RectanglePlan
+
 Tensor = torch.Tensor
-BACKENDS = ("cpu_flash", "flash_attn", "te_fused", "math")
+BACKENDS = ("flash_attn", "te_fused", "cpu_flash", "math")  # automatic choice: first that fits
+GPU_BACKENDS = ("flash_attn", "te_fused")
+_GPU_MODULES = {
+    "flash_attn": "flash_attn.flash_attn_interface",
+    "te_fused": "transformer_engine.pytorch.cpp_extensions.fused_attn",
+}
+_HALF = (torch.float16, torch.bfloat16)
 
 # --------------------------------------------------------------------------------------------
 # Backend selection
 # --------------------------------------------------------------------------------------------
 
 
-def _optional_module(name: str) -> Any:
+def _importable(name: str) -> bool:
     try:
-        return importlib.import_module(name)
+        importlib.import_module(name)
     except Exception:  # not installed, or installed without a usable CUDA build
-        return None
+        return False
+    return True
 
 
-def available_backends() -> list[str]:
-    """Backends usable in this process."""
+@functools.cache
+def available_backends() -> tuple[str, ...]:
+    """Backends installed in this process (whether they fit a block is :func:`select_backend`'s
+    question). Cached: importing flash-attn or Transformer Engine takes seconds."""
     found = ["cpu_flash", "math"]
     if torch.cuda.is_available():
-        if _optional_module("flash_attn.flash_attn_interface") is not None:
-            found.append("flash_attn")
-        if _optional_module("transformer_engine.pytorch.cpp_extensions.fused_attn") is not None:
-            found.append("te_fused")
-    return found
+        found += [name for name in GPU_BACKENDS if _importable(_GPU_MODULES[name])]
+    return tuple(found)
 
 
-def select_backend(q: Tensor, mask: Tensor | None) -> str:
-    """The kernel for a block of ``q`` (its device and dtype) with or without an explicit mask."""
+def _gpu_capability(t: Tensor) -> tuple[int, int] | None:
+    """Compute capability of ``t``'s GPU, None for tensors off CUDA."""
+    return torch.cuda.get_device_capability(t.device) if t.is_cuda else None
+
+
+def _cudnn_version() -> int:
+    return torch.backends.cudnn.version() or 0
+
+
+def _why_not(backend: str, q: Tensor) -> str | None:
+    """Why ``backend`` cannot run a block of ``q`` (its device, dtype, head dim), or None."""
+    head_dim = q.shape[-1]
+    if backend == "math":
+        return None if q.is_floating_point() else "needs floating-point tensors"
+    if backend == "cpu_flash":
+        if q.device.type != "cpu":
+            return "runs on CPU tensors only"
+        return None if q.is_floating_point() else "needs floating-point tensors"
+    if backend not in available_backends():
+        return f"{_GPU_MODULES[backend].split('.')[0]} is not installed (or has no CUDA here)"
+    capability = _gpu_capability(q)
+    if capability is None:
+        return "runs on CUDA tensors only"
+    if capability < (8, 0):
+        return f"needs compute capability 8.0 or newer, this GPU has {capability}"
+    if q.dtype not in _HALF:
+        return "takes float16/bfloat16 only"
+    if head_dim % 8:
+        return "needs a head dim that is a multiple of 8"
+    if backend == "flash_attn":
+        return "takes head dims up to 256" if head_dim > 256 else None
+    limit = 256 if capability >= (9, 0) else 128
+    if head_dim > limit:
+        return f"takes head dims up to {limit} on compute capability {capability}"
+    if _cudnn_version() in (91000, 91001):
+        return "is disabled by Transformer Engine on cuDNN 9.10.0/9.10.1"
+    return None
+
+
+def _varlen_fits(backend: str, q: Tensor) -> bool:
+    """Whether ``backend`` (already fit for ``q``) runs packed rectangles in variable-length
+    calls: flash-attn always; TE's ``thd`` layout on sm90/sm100 with cuDNN ≥ 9.6, whose ragged
+    softmax stats the adapter reads."""
+    if backend == "flash_attn":
+        return True
+    if backend == "te_fused":
+        return _gpu_capability(q)[0] in (9, 10) and _cudnn_version() >= 90600
+    return False
+
+
+@contextlib.contextmanager
+def forced_backend(name: str) -> Iterator[None]:
+    """Run the code inside with ``MLV_ATTENTION_BACKEND=name`` (restored afterwards)."""
+    before = os.environ.get("MLV_ATTENTION_BACKEND")
+    os.environ["MLV_ATTENTION_BACKEND"] = name
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["MLV_ATTENTION_BACKEND"]
+        else:
+            os.environ["MLV_ATTENTION_BACKEND"] = before
+
+
+def select_backend(q: Tensor, mask: Tensor | None = None) -> str:
+    """The kernel for a block of ``q`` (its device, dtype and head dim), with or without an
+    explicit ``mask`` (which only ``math`` takes)."""
     forced = os.environ.get("MLV_ATTENTION_BACKEND")
     if forced:
         if forced not in BACKENDS:
             raise ValueError(f"MLV_ATTENTION_BACKEND={forced!r}; known backends: {BACKENDS}")
-        return "math" if mask is not None else forced
+        reason = _why_not(forced, q)
+        if reason is None and mask is not None and forced != "math":
+            reason = "takes no explicit mask (only math runs arbitrary masks)"
+        if reason is not None:
+            raise ValueError(
+                f"MLV_ATTENTION_BACKEND={forced} cannot run this block: {forced} {reason} "
+                f"(dtype {q.dtype}, head_dim {q.shape[-1]}, device {q.device})"
+            )
+        return forced
     if mask is not None:
         return "math"
-    if q.device.type == "cpu":
-        return "cpu_flash"
-    if q.dtype in (torch.float16, torch.bfloat16):
-        available = available_backends()
-        for name in ("flash_attn", "te_fused"):
-            if name in available:
-                return name
-    return "math"
+    return next(name for name in BACKENDS if _why_not(name, q) is None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,18 +187,16 @@ def counting_flops() -> Iterator[FlopCount]:
         _flop_counters.remove(count)
 
 
-def _record_flops(q: Tensor, k: Tensor, causal: bool, mask: Tensor | None) -> None:
-    if not _flop_counters:
-        return
-    b, sq, hq, d = q.shape
-    if mask is not None:
-        pairs = int(mask.sum()) * hq
-    elif causal:
-        pairs = b * hq * sq * (sq + 1) // 2
-    else:
-        pairs = b * hq * sq * k.shape[1]
+def _record_flops(q: Tensor, pairs_per_head: int) -> None:
     for count in _flop_counters:
-        count.forward += 4 * d * pairs
+        count.forward += 4 * q.shape[-1] * q.shape[2] * pairs_per_head
+
+
+def _dense_pairs(q: Tensor, k: Tensor, causal: bool, mask: Tensor | None) -> int:
+    b, sq = q.shape[:2]
+    if mask is not None:
+        return int(mask.sum())
+    return b * sq * (sq + 1) // 2 if causal else b * sq * k.shape[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -132,9 +209,9 @@ def block_forward(
 ) -> tuple[Tensor, Tensor]:
     """Attention of one block: ``(out [b, sq, hq, d], lse [b, hq, sq] fp32)``."""
     _check_block(q, k, causal, mask)
-    _record_flops(q, k, causal, mask)
-    backend = select_backend(q, mask)
-    return _FORWARD[backend](q, k, v, scale, causal, mask)
+    if _flop_counters:
+        _record_flops(q, _dense_pairs(q, k, causal, mask))
+    return _dense_forward(select_backend(q, mask), q, k, v, scale, causal, mask)
 
 
 def block_backward(
@@ -152,7 +229,97 @@ def block_backward(
     """Gradients of one block given the merged row output and lse: ``(dq, dk, dv)``."""
     _check_block(q, k, causal, mask)
     backend = select_backend(q, mask)
-    return _BACKWARD[backend](dout, q, k, v, out, lse, scale, causal, mask)
+    return _dense_backward(backend, dout, q, k, v, out, lse, scale, causal, mask)
+
+
+def merge_by_lse(
+    out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Combine two softmax-normalised partial results over disjoint key sets.
+
+    out: [b, s, h, d] fp32, lse: [b, h, s]; rows where both lse are -inf stay (0, -inf).
+    """
+    new_lse = torch.logaddexp(lse, block_lse)
+    finite = new_lse.masked_fill(torch.isneginf(new_lse), 0.0)
+    weight_old = torch.exp(lse - finite).transpose(1, 2).unsqueeze(-1)
+    weight_new = torch.exp(block_lse - finite).transpose(1, 2).unsqueeze(-1)
+    return out * weight_old + block_out.float() * weight_new, new_lse
+
+
+def rectangles_forward(
+    q: Tensor, k: Tensor, v: Tensor, plan: RectanglePlan, *, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Attention of one packed block over ``plan``'s rectangles only.
+
+    Returns ``(out [b, sq, hq, d] fp32, lse [b, hq, sq] fp32)``; rows no rectangle covers
+    (padding) get ``(0, -inf)``.
+    """
+    _check_plan(q, k, plan)
+    backend = select_backend(q)
+    if _flop_counters:
+        _record_flops(q, plan.pairs)
+    b, sq, hq, d = q.shape
+    if _varlen_fits(backend, q):
+        return _varlen_forward(backend, q, k, v, plan, scale)
+    out = torch.zeros((b, sq, hq, d), dtype=torch.float32, device=q.device)
+    lse = torch.full((b, hq, sq), float("-inf"), dtype=torch.float32, device=q.device)
+    for rect in plan.rectangles:
+        rows, qs, ks = _rect_slices(rect)
+        part_out, part_lse = _dense_forward(
+            backend, q[rows, qs], k[rows, ks], v[rows, ks], scale, rect.causal, None
+        )
+        out[rows, qs], lse[rows, :, qs] = merge_by_lse(
+            out[rows, qs], lse[rows, :, qs], part_out, part_lse
+        )
+    return out, lse
+
+
+def rectangles_backward(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    plan: RectanglePlan,
+    *,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of one packed block given the merged row output and lse: ``(dq, dk, dv)`` in
+    float32, shaped like ``q, k, v``."""
+    _check_plan(q, k, plan)
+    backend = select_backend(q)
+    if _varlen_fits(backend, q):
+        return _varlen_backward(backend, dout, q, k, v, out, lse, plan, scale)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+    for rect in plan.rectangles:
+        rows, qs, ks = _rect_slices(rect)
+        gq, gk, gv = _dense_backward(
+            backend,
+            dout[rows, qs],
+            q[rows, qs],
+            k[rows, ks],
+            v[rows, ks],
+            out[rows, qs],
+            lse[rows, :, qs],
+            scale,
+            rect.causal,
+            None,
+        )
+        dq[rows, qs] += gq
+        dk[rows, ks] += gk
+        dv[rows, ks] += gv
+    return dq, dk, dv
+
+
+def _rect_slices(rect: Rectangle) -> tuple[slice, slice, slice]:
+    return (
+        slice(rect.row, rect.row + 1),
+        slice(rect.q_start, rect.q_stop),
+        slice(rect.k_start, rect.k_stop),
+    )
 
 
 def _check_block(q: Tensor, k: Tensor, causal: bool, mask: Tensor | None) -> None:
@@ -161,11 +328,142 @@ def _check_block(q: Tensor, k: Tensor, causal: bool, mask: Tensor | None) -> Non
     if mask is not None and causal:
         raise ValueError("give either causal=True or an explicit mask, not both")
     if causal and q.shape[1] != k.shape[1]:
-        raise ValueError(f"a causal block needs sq == sk, got {q.shape[1]} and {k.shape[1]}")
+        raise ValueError(
+            f"a causal block needs sq == sk, got {q.shape[1]} and {k.shape[1]} (kernels align "
+            "a non-square causal mask differently: top-left in TE and PyTorch, bottom-right in "
+            "flash-attn)"
+        )
+
+
+def _check_plan(q: Tensor, k: Tensor, plan: RectanglePlan) -> None:
+    _check_block(q, k, False, None)
+    if (plan.batch, plan.sq, plan.sk) != (q.shape[0], q.shape[1], k.shape[1]):
+        raise ValueError(
+            f"rectangle plan for [b={plan.batch}, sq={plan.sq}, sk={plan.sk}] given q "
+            f"{tuple(q.shape)} and k {tuple(k.shape)}"
+        )
+
+
+def _dense_forward(backend, q, k, v, scale, causal, mask):
+    if backend == "math":
+        return _math_forward(q, k, v, scale, causal, mask)
+    return _FORWARD[backend](q, k, v, scale, causal)
+
+
+def _dense_backward(backend, dout, q, k, v, out, lse, scale, causal, mask):
+    if backend == "math":
+        return _math_backward(dout, q, k, v, out, lse, scale, causal, mask)
+    return _BACKWARD[backend](dout, q, k, v, out, lse, scale, causal)
 
 
 # --------------------------------------------------------------------------------------------
-# math: explicit softmax, exact, any mask
+# Variable-length calls: each group of rectangles packed into one thd call
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Packing:
+    """Token indices (into ``[b·sq]`` / ``[b·sk]``) of one group's rectangles, back to back,
+    and their int32 ``cu_seqlens``."""
+
+    q_index: Tensor
+    k_index: Tensor
+    cu_q: Tensor
+    cu_k: Tensor
+    max_q: int
+    max_k: int
+    causal: bool
+
+
+def _packing(group: tuple[Rectangle, ...], sq: int, sk: int, device) -> _Packing:
+    def indices(starts, stops):
+        return torch.cat([torch.arange(a, z) for a, z in zip(starts, stops)])
+
+    def cu(lengths):
+        return torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+
+    q_len = [r.q_len for r in group]
+    k_len = [r.k_len for r in group]
+    return _Packing(
+        indices([r.row * sq + r.q_start for r in group], [r.row * sq + r.q_stop for r in group]).to(
+            device
+        ),
+        indices([r.row * sk + r.k_start for r in group], [r.row * sk + r.k_stop for r in group]).to(
+            device
+        ),
+        cu(q_len).to(device),
+        cu(k_len).to(device),
+        max(q_len),
+        max(k_len),
+        group[0].causal,
+    )
+
+
+def _tokens(x: Tensor) -> Tensor:
+    """[b, s, h, d] -> [b·s, h, d]."""
+    return x.reshape(-1, *x.shape[2:])
+
+
+def _varlen_forward(backend, q, k, v, plan: RectanglePlan, scale):
+    b, sq, hq, d = q.shape
+    out = torch.zeros((b * sq, hq, d), dtype=torch.float32, device=q.device)
+    lse = torch.full((b * sq, hq), float("-inf"), dtype=torch.float32, device=q.device)
+    qt, kt, vt = _tokens(q), _tokens(k), _tokens(v)
+    for group in plan.passes:
+        p = _packing(group, sq, plan.sk, q.device)
+        part_out, part_lse = _VARLEN_FORWARD[backend](
+            qt.index_select(0, p.q_index),
+            kt.index_select(0, p.k_index),
+            vt.index_select(0, p.k_index),
+            p.cu_q,
+            p.cu_k,
+            p.max_q,
+            p.max_k,
+            scale,
+            p.causal,
+        )
+        merged_out, merged_lse = merge_by_lse(
+            out.index_select(0, p.q_index)[None],
+            lse.index_select(0, p.q_index).T[None],
+            part_out[None],
+            part_lse[None],
+        )
+        out.index_copy_(0, p.q_index, merged_out[0])
+        lse.index_copy_(0, p.q_index, merged_lse[0].T)
+    return out.view(b, sq, hq, d), lse.view(b, sq, hq).transpose(1, 2).contiguous()
+
+
+def _varlen_backward(backend, dout, q, k, v, out, lse, plan: RectanglePlan, scale):
+    b, sq, hq, _ = q.shape
+    qt, kt, vt, dot, ot = _tokens(q), _tokens(k), _tokens(v), _tokens(dout), _tokens(out)
+    lse_t = lse.transpose(1, 2).reshape(b * sq, hq)
+    dq = torch.zeros(qt.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(kt.shape, dtype=torch.float32, device=k.device)
+    dv = torch.zeros(vt.shape, dtype=torch.float32, device=v.device)
+    for group in plan.passes:
+        p = _packing(group, sq, plan.sk, q.device)
+        gq, gk, gv = _VARLEN_BACKWARD[backend](
+            dot.index_select(0, p.q_index),
+            qt.index_select(0, p.q_index),
+            kt.index_select(0, p.k_index),
+            vt.index_select(0, p.k_index),
+            ot.index_select(0, p.q_index),
+            lse_t.index_select(0, p.q_index).T.contiguous(),
+            p.cu_q,
+            p.cu_k,
+            p.max_q,
+            p.max_k,
+            scale,
+            p.causal,
+        )
+        dq.index_add_(0, p.q_index, gq.float())
+        dk.index_add_(0, p.k_index, gk.float())
+        dv.index_add_(0, p.k_index, gv.float())
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# math: explicit softmax, exact, any mask (the reference)
 # --------------------------------------------------------------------------------------------
 
 
@@ -255,14 +553,14 @@ def _math_backward(dout, q, k, v, out, lse, scale, causal, mask):
 # --------------------------------------------------------------------------------------------
 
 
-def _cpu_flash_forward(q, k, v, scale, causal, mask):
+def _cpu_flash_forward(q, k, v, scale, causal):
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.0, causal, scale=scale
     )
     return out.transpose(1, 2), lse.float()
 
 
-def _cpu_flash_backward(dout, q, k, v, out, lse, scale, causal, mask):
+def _cpu_flash_backward(dout, q, k, v, out, lse, scale, causal):
     dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         dout.transpose(1, 2).to(q.dtype),
         q.transpose(1, 2),
@@ -277,140 +575,21 @@ def _cpu_flash_backward(dout, q, k, v, out, lse, scale, causal, mask):
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
-# --------------------------------------------------------------------------------------------
-# flash_attn: the flash-attn package (CUDA)
-# --------------------------------------------------------------------------------------------
-
-
-def _call_with_accepted(fn: Callable[..., Any], candidates: dict[str, Any]) -> Any:
-    """Call ``fn`` with those of ``candidates`` its signature names.
-
-    The private entry points of flash-attn and TE rename arguments between releases
-    (``window_size`` → ``window_size_left/right``, ``qkv_dtype`` → ``fake_dtype``); offering every
-    known spelling and passing the accepted ones keeps one call site for all of them.
-    """
-    target = getattr(fn, "_init_fn", fn)  # torch.library custom ops keep the Python function here
-    names = inspect.signature(target).parameters
-    return fn(**{k: v for k, v in candidates.items() if k in names})
-
-
-def _flash_attn_common(scale: float, causal: bool) -> dict[str, Any]:
-    return {
-        "dropout_p": 0.0,
-        "softmax_scale": scale,
-        "causal": causal,
-        "window_size": (-1, -1),
-        "window_size_left": -1,
-        "window_size_right": -1,
-        "softcap": 0.0,
-        "alibi_slopes": None,
-        "deterministic": False,
-        "return_softmax": False,
-        "rng_state": None,
-    }
-
-
-def _flash_attn_forward(q, k, v, scale, causal, mask):
-    fa = importlib.import_module("flash_attn.flash_attn_interface")
-    result = _call_with_accepted(
-        fa._flash_attn_forward,
-        {"q": q.contiguous(), "k": k.contiguous(), "v": v.contiguous()}
-        | _flash_attn_common(scale, causal),
-    )
-    # Releases up to 2.5 return (out, q, k, v, out_padded, lse, S_dmask, rng_state);
-    # later ones (out, lse, S_dmask, rng_state).
-    out, lse = (result[0], result[5]) if len(result) == 8 else (result[0], result[1])
-    return out, lse.float()
-
-
-def _flash_attn_backward(dout, q, k, v, out, lse, scale, causal, mask):
-    fa = importlib.import_module("flash_attn.flash_attn_interface")
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    _call_with_accepted(
-        fa._flash_attn_backward,
-        {
-            "dout": dout.to(q.dtype).contiguous(),
-            "q": q,
-            "k": k,
-            "v": v,
-            "out": out.to(q.dtype).contiguous(),
-            "softmax_lse": lse.contiguous(),
-            "dq": dq,
-            "dk": dk,
-            "dv": dv,
-        }
-        | _flash_attn_common(scale, causal),
-    )
-    return dq, dk, dv
-
-
-# --------------------------------------------------------------------------------------------
-# te_fused: Transformer Engine fused attention (CUDA, cuDNN)
-# --------------------------------------------------------------------------------------------
-
-
-def _te_common(q: Tensor, k: Tensor, scale: float, causal: bool) -> dict[str, Any]:
-    fused = importlib.import_module("transformer_engine.pytorch.cpp_extensions.fused_attn")
-    te_dtype = importlib.import_module("transformer_engine.pytorch.constants").TE_DType[q.dtype]
-    b, sq, sk = q.shape[0], q.shape[1], k.shape[1]
-    arange = lambda s: torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=q.device)
-    return {
-        "max_seqlen_q": sq,
-        "max_seqlen_kv": sk,
-        "cu_seqlens_q": arange(sq),
-        "cu_seqlens_kv": arange(sk),
-        "fake_dtype": q.dtype,
-        "qkv_dtype": te_dtype,
-        "dqkv_dtype": te_dtype,
-        "fused_attention_backend": fused.FusedAttnBackend["F16_arbitrary_seqlen"],
-        "attn_scale": scale,
-        "dropout": 0.0,
-        "qkv_layout": "bshd_bshd_bshd",
-        "attn_bias_type": "no_bias",
-        "attn_mask_type": "causal" if causal else "no_mask",
-    }
-
-
-def _te_fused_forward(q, k, v, scale, causal, mask):
-    fused = importlib.import_module("transformer_engine.pytorch.cpp_extensions.fused_attn")
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    out, aux = _call_with_accepted(
-        fused.fused_attn_fwd,
-        {"is_training": True, "q": q, "k": k, "v": v} | _te_common(q, k, scale, causal),
-    )
-    return out, aux[0].squeeze(-1).float()  # softmax stats [b, h, sq, 1]: the row lse
-
-
-def _te_fused_backward(dout, q, k, v, out, lse, scale, causal, mask):
-    fused = importlib.import_module("transformer_engine.pytorch.cpp_extensions.fused_attn")
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    # Without dropout the rng state is never read, but the kernel expects the slot.
-    rng_state = torch.zeros(2, dtype=torch.int64, device=q.device)
-    grads = _call_with_accepted(
-        fused.fused_attn_bwd,
-        {
-            "q": q,
-            "k": k,
-            "v": v,
-            "o": out.to(q.dtype).contiguous(),
-            "d_o": dout.to(q.dtype).contiguous(),
-            "aux_ctx_tensors": [lse.unsqueeze(-1).contiguous(), rng_state],
-        }
-        | _te_common(q, k, scale, causal),
-    )
-    return grads[0], grads[1], grads[2]
-
-
 _FORWARD = {
     "cpu_flash": _cpu_flash_forward,
-    "flash_attn": _flash_attn_forward,
-    "te_fused": _te_fused_forward,
-    "math": _math_forward,
+    "flash_attn": gpu_kernels.flash_attn_forward,
+    "te_fused": gpu_kernels.te_fused_forward,
 }
 _BACKWARD = {
     "cpu_flash": _cpu_flash_backward,
-    "flash_attn": _flash_attn_backward,
-    "te_fused": _te_fused_backward,
-    "math": _math_backward,
+    "flash_attn": gpu_kernels.flash_attn_backward,
+    "te_fused": gpu_kernels.te_fused_backward,
+}
+_VARLEN_FORWARD = {
+    "flash_attn": gpu_kernels.flash_attn_varlen_forward,
+    "te_fused": gpu_kernels.te_fused_varlen_forward,
+}
+_VARLEN_BACKWARD = {
+    "flash_attn": gpu_kernels.flash_attn_varlen_backward,
+    "te_fused": gpu_kernels.te_fused_varlen_backward,
 }

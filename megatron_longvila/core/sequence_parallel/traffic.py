@@ -17,7 +17,8 @@ dim, ``s = S / sp`` tokens per rank):
       ulysses_bwd = (U-1)/U · b·s·d·e · (2H + 2G')
 
 * Ring, forward (group ``"ring"``; after Ulysses a rank holds ``S/R = U·s`` tokens and ``G'/U`` kv
-  heads): ``R-1`` hops of the K/V block (and its segment ids)::
+  heads): ``R-1`` hops of the K/V block (and an all-gather of the segment ids, the same bytes as
+  ``R-1`` hops of them)::
 
       ring_fwd = (R-1) · (2·b·U·s·(G'/U)·d·e  [+ b·U·s·e_s])
 
