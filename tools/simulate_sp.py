@@ -1,12 +1,15 @@
-"""Predict step time and memory of MM-SP, ring-only, Ulysses-only and Megatron CP+TP on a cluster.
+"""Best layout of MM-SP, Megatron CP+TP, hierarchical CP, ring-only and Ulysses-only on a cluster.
 
 Default: the LongVILA paper's setting (Llama-3-8B decoder, H100 nodes of 8 GPUs, 32–256 GPUs,
-64K–2M tokens): predicted step times, MM-SP's speedups beside the paper's ranges, and the longest
-sequence that fits per GPU count with and without activation recomputation. Every cluster number
-can be overridden; every assumption is printed. Writes ``simulate_sp.json``, ``.md``, ``.png``.
+64K–2M tokens, 2M tokens per optimizer step): the planner's best layout and runner-up of each
+family, MM-SP's speedups over the best CP+TP and ring-only layouts beside the paper's ranges with
+the term that decides each, a sensitivity sweep (overlap, NIC bandwidth, attention efficiency),
+and the longest sequence that fits on 128/256 GPUs (Llama-3-8B, Qwen2-7B) with and without
+activation recomputation. Every cluster number can be overridden; every assumption is printed.
+Writes ``simulate_sp.json``, ``.md``, ``.png``.
 
     python tools/simulate_sp.py --out runs/simulate_sp
-    python tools/simulate_sp.py --ib-gbps 25 --gpus 64 128 --seq 256K 1M
+    python tools/simulate_sp.py --ib-gbps 25 --gpus 64 128 --seq 256K 1M --no-sweep
     python tools/simulate_sp.py --calibrate-cpu --world 8 --seq 4096   # fit this machine (gloo)
 """
 
@@ -18,7 +21,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from megatron_longvila.benchmarks import study_report
-from megatron_longvila.benchmarks.scaling_study import H100_NODES, Setup, paper_study
+from megatron_longvila.benchmarks.planner import Search
+from megatron_longvila.benchmarks.scaling_study import H100_NODES, StudySetup, paper_study
 from megatron_longvila.benchmarks.simulator import Link
 from megatron_longvila.benchmarks.workload import CPU_SMALL, LLAMA3_8B, strategies_for
 
@@ -35,8 +39,12 @@ def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gpus", type=int, nargs="+", default=[32, 64, 128, 256])
     p.add_argument("--seq", type=_tokens, nargs="+", default=None, help="e.g. 64K 1M 2M")
-    p.add_argument("--memory-gpus", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256])
-    p.add_argument("--sharding", choices=["none", "zero1", "zero3"], default="zero3")
+    p.add_argument("--memory-gpus", type=int, nargs="+", default=[128, 256])
+    p.add_argument("--tokens-per-step", type=_tokens, default=_tokens("2M"))
+    p.add_argument(
+        "--sharding", choices=["none", "zero1", "zero3"], nargs="+", default=["zero1", "zero3"]
+    )
+    p.add_argument("--no-sweep", action="store_true", help="skip the sensitivity sweep")
     for name in ("layers", "hidden", "heads", "kv-heads", "ffn-hidden", "vocab"):
         p.add_argument(f"--{name}", type=int, help="override Llama-3-8B's value")
     cluster = p.add_argument_group("cluster (defaults: the H100 preset)")
@@ -122,9 +130,10 @@ def main() -> None:
     study = paper_study(
         shape=replace(LLAMA3_8B, **overrides),
         cluster=_cluster(a),
-        setup=Setup(sharding=a.sharding),
+        setup=StudySetup(a.tokens_per_step, Search(shardings=tuple(a.sharding))),
         gpu_counts=tuple(a.gpus),
         memory_gpu_counts=tuple(a.memory_gpus),
+        sweep=not a.no_sweep,
         **kwargs,
     )
     print(study_report.write(study, a.out))
