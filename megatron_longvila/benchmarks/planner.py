@@ -71,13 +71,15 @@ class Workload:
 
 @dataclass(frozen=True)
 class Search:
-    """What may vary: tensor-parallel and pipeline sizes, optimizer shardings, recomputation."""
+    """What may vary: tensor-parallel and pipeline sizes, optimizer shardings, recomputation;
+    ``tp_sequence_parallel``: whether tp > 1 runs with Megatron's TP sequence parallelism."""
 
     families: tuple[str, ...] = FAMILIES
     tp_choices: tuple[int, ...] = (1, 2, 4, 8)
     pp_choices: tuple[int, ...] = (1, 2, 4)
     shardings: tuple[str, ...] = ("zero1", "zero3")
     recompute: tuple[bool, ...] = (False, True)
+    tp_sequence_parallel: bool = True
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,12 @@ class Plan:
     @property
     def seconds_per_token(self) -> float:
         return self.seconds / self.tokens_per_step
+
+    @property
+    def layout(self) -> tuple[int, int, int, int, int]:
+        """``(tp, ulysses, ring, dp, pp)``: what two families' plans may share."""
+        s = self.strategy
+        return (s.tp, s.ulysses, s.ring, s.dp, s.pp)
 
     @property
     def label(self) -> str:
@@ -172,7 +180,7 @@ def _trainings(strategy: Strategy, search: Search) -> Iterator[Training]:
             yield Training(
                 sharding=sharding,
                 recompute=recompute,
-                tp_sequence_parallel=strategy.tp > 1,
+                tp_sequence_parallel=search.tp_sequence_parallel and strategy.tp > 1,
                 overlap_grad_sync=True,
             )
 
@@ -216,14 +224,11 @@ def best_per_family(
 ) -> dict[str, list[Plan]]:
     """The ``keep`` fastest plans (seconds per token) of each family; families with no fitting
     layout are left out."""
-    found = {}
-    for family in search.families:
-        plans = sorted(
-            _fitting_plans(family, workload, cluster, gpus, search),
-            key=lambda p: p.seconds_per_token,
-        )
-        if plans:
-            found[family] = plans[:keep]
+    found: dict[str, list[Plan]] = {}
+    for plan in _ranked(workload, cluster, gpus, search):
+        kept = found.setdefault(plan.family, [])
+        if len(kept) < keep:
+            kept.append(plan)
     return found
 
 
@@ -235,13 +240,16 @@ def choose(
     plans = _ranked(workload, cluster, gpus, search)
     if not plans:
         raise NoLayoutFits(refusal(workload, cluster, gpus, search))
-    runner_up = next((p for p in plans[1:] if p.strategy != plans[0].strategy), None)
+    runner_up = next((p for p in plans[1:] if p.layout != plans[0].layout), None)
     return plans[0], runner_up
 
 
 def _ranked(workload: Workload, cluster: Cluster, gpus: int, search: Search) -> list[Plan]:
-    families = best_per_family(workload, cluster, gpus, search)
-    return sorted((p for ps in families.values() for p in ps), key=lambda p: p.seconds_per_token)
+    """Every fitting plan of the searched families, fastest per token first."""
+    plans = [
+        p for f in search.families for p in _fitting_plans(f, workload, cluster, gpus, search)
+    ]
+    return sorted(plans, key=lambda p: p.seconds_per_token)
 
 
 def refusal(workload: Workload, cluster: Cluster, gpus: int, search: Search) -> str:
