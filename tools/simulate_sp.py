@@ -10,13 +10,12 @@ Writes ``simulate_sp.json``, ``.md``, ``.png``.
 
     python tools/simulate_sp.py --out runs/simulate_sp
     python tools/simulate_sp.py --ib-gbps 25 --gpus 64 128 --seq 256K 1M --no-sweep
-    python tools/simulate_sp.py --calibrate-cpu --world 8 --seq 4096   # fit this machine (gloo)
+    python tools/simulate_sp.py --calibrate-cpu --world 4 --seq 2048   # fit, measure, vs null
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -61,6 +60,7 @@ def _parse() -> argparse.Namespace:
     cpu = p.add_argument_group("calibration on this machine")
     cpu.add_argument("--calibrate-cpu", action="store_true")
     cpu.add_argument("--world", type=int, default=8)
+    cpu.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("runs/simulate_sp"))
     return p.parse_args()
 
@@ -92,28 +92,23 @@ def _cluster(a: argparse.Namespace):
 
 
 def _calibrate_cpu(a: argparse.Namespace) -> None:
-    """Fit this machine's rates on ``--world`` gloo ranks and predict the benchmark's strategies."""
-    from megatron_longvila.benchmarks.calibration import calibrated_cluster, measure_calibration
-    from megatron_longvila.benchmarks.compare import predict
+    """Fit this machine's rates on ``--world`` gloo ranks, measure every strategy there, and
+    report the calibrated model's error beside a null model's, with the fitted parameters."""
+    from megatron_longvila.benchmarks import report
+    from megatron_longvila.benchmarks.compare import run_comparison
     from megatron_longvila.benchmarks.gpt_step import StepSettings
     from megatron_longvila.core.rank_pool import RankPool
 
     settings = StepSettings(seq=a.seq[0] if a.seq else 4096)
-    with RankPool(a.world) as pool:
-        measured = pool.run(measure_calibration, CPU_SMALL, settings.seq)[0]
-    cluster = calibrated_cluster(measured)
     strategies = strategies_for(a.world, CPU_SMALL)
-    predicted = predict(CPU_SMALL, strategies, settings, cluster)
-    a.out.mkdir(parents=True, exist_ok=True)
-    rows = {s.label: p for s, p in zip(strategies, predicted)}
-    (a.out / "calibration.json").write_text(
-        json.dumps(
-            {"measured": measured, "cluster": cluster.as_dict(), "predicted": rows}, indent=2
-        )
-    )
-    print("\n".join(cluster.notes))
-    for label, parts in rows.items():
-        print(f"{label:24s} predicted step {1e3 * parts['total']:8.1f} ms")
+    with RankPool(a.world) as pool:
+        result = run_comparison(CPU_SMALL, strategies, settings, pool.run, a.rounds)
+    result |= {"device": f"{a.world} gloo ranks on this machine", "date": "calibration"}
+    report.write(result, a.out, stem="calibration")
+    print("Fitted parameters:", "; ".join(result["cluster"]["notes"]))
+    print(report.prediction_table(result))
+    print(report.speedup_table(result))
+    print(report.fit_table(result))
 
 
 def main() -> None:
