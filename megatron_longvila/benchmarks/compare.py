@@ -96,7 +96,7 @@ def fit_errors(rows: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> dict[
         "speedups": {
             "model": summary([p["prediction_error"] for p in pairs]) if pairs else None,
             "null": summary([1.0 / p["measured"] - 1 for p in pairs]) if pairs else None,
-            "sign": sum((p["predicted"] > 1) == (p["measured"] > 1) for p in pairs),
+            "sign": sum(bool(p["predicted"] > 1) == bool(p["measured"] > 1) for p in pairs),
             "pairs": len(pairs),
         },
         "steps": {
