@@ -1,8 +1,10 @@
 """Attention alone, ours beside the peers: same inputs, same ranks, alternating rounds.
 
 Entries: our Ulysses-only, ring-only (zigzag) and 2D attention (:func:`mmsp_attention`), and,
-when installed, DeepSpeed-Ulysses (``deepspeed.sequence.layer.DistributedAttention`` around
-PyTorch's SDPA) and yunchang's USP (``LongContextAttention`` with its torch kernels, basic ring).
+when installed (``pip install .[peers]``), DeepSpeed-Ulysses
+(``deepspeed.sequence.layer.DistributedAttention`` around PyTorch's SDPA) and yunchang's USP
+(``LongContextAttention`` with its ``TORCH_MATH`` kernels and basic ring; yunchang's
+``TORCH_FLASH`` path calls an op with no CPU kernel).
 Each timed pass is a forward and a backward where the implementation has a backward, a forward
 only otherwise (yunchang's torch path on CPU), and is marked as such. Every rank draws the same
 full q, k, v and output gradient; each implementation gets the shard its sequence split expects
@@ -114,8 +116,11 @@ def _attention(entry: Entry, settings: AttentionSettings) -> Callable[..., torch
         groups = _groups(entry.ulysses, entry.ring)
         return lambda q, k, v: mmsp_attention(q, k, v, causal=causal, groups=groups)
     if entry.source == "deepspeed":
+        import deepspeed.comm
         from deepspeed.sequence.layer import DistributedAttention
 
+        if not deepspeed.comm.is_initialized():  # wraps the process group already running
+            deepspeed.comm.init_distributed("gloo", auto_mpi_discovery=False, verbose=False)
         layer = DistributedAttention(
             lambda q, k, v, *args, **kwargs: _sdpa(q, k, v, causal),
             dist.group.WORLD,
@@ -127,7 +132,7 @@ def _attention(entry: Entry, settings: AttentionSettings) -> Callable[..., torch
     from yunchang.kernels import AttnType
 
     set_seq_parallel_pg(entry.ulysses, entry.ring, dist.get_rank(), dist.get_world_size())
-    layer = LongContextAttention(ring_impl_type="basic", attn_type=AttnType.TORCH)
+    layer = LongContextAttention(ring_impl_type="basic", attn_type=AttnType.TORCH_MATH)
     return lambda q, k, v: layer(q, k, v, causal=causal)
 
 
