@@ -159,9 +159,11 @@ def _brute_force(workload: Workload, cluster, gpus: int, search: Search):
     return best
 
 
-def test_the_choice_is_the_fastest_fitting_layout():
+@pytest.mark.parametrize("shardings", [("zero1", "zero3"), ("zero3", "zero1")])
+def test_the_choice_is_the_fastest_fitting_layout(shardings):
+    """Every sharding is priced even when an earlier one fits (in either order)."""
     workload = Workload(SHAPE, 8192, sequences_per_step=4)
-    search = Search(families=("MM-SP",), pp_choices=(1, 2))
+    search = Search(families=("MM-SP",), pp_choices=(1, 2), shardings=shardings)
     best, runner_up = planner.choose(workload, FLAT, 16, search)
     per_token = _brute_force(workload, FLAT, 16, search)
     assert best.seconds_per_token == pytest.approx(per_token, rel=1e-12)  # ties may differ

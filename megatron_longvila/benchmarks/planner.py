@@ -193,10 +193,15 @@ def _fitting_plans(
         micro_batches = workload.micro_batches_at(strategy.dp)
         if micro_batches is None or workload.seq % (2 * strategy.sp):
             continue
+        fits_without_recompute = set()  # shardings; recomputing those only costs time
         for training in _trainings(strategy, search):
+            if training.recompute and training.sharding in fits_without_recompute:
+                continue
             memory = _memory(workload, strategy, training)
             if memory["total"] > usable:
                 continue
+            if not training.recompute:
+                fits_without_recompute.add(training.sharding)
             parts = simulator.predict_step(
                 workload.shape,
                 strategy,
@@ -209,8 +214,6 @@ def _fitting_plans(
             )
             tokens = strategy.dp * micro_batches * workload.batch * workload.seq
             yield Plan(family, strategy, training, micro_batches, tokens, parts, memory)
-            if not training.recompute:
-                break  # recomputing a layout that fits without it only costs time
 
 
 def _memory(workload: Workload, strategy: Strategy, training: Training) -> dict[str, int]:
