@@ -77,8 +77,9 @@ def test_gradient_sync_runs_over_the_tp_strided_group(tp):
 
 
 def test_small_blocks_run_slower_and_each_ring_step_costs_a_fixed_time():
-    cluster = replace(FLAT, intra_node=FREE, inter_node=FREE, attention_half_tokens=512,
-                      ring_step_seconds=3e-5)  # fmt: skip
+    cluster = replace(
+        FLAT, intra_node=FREE, inter_node=FREE, attention_half_tokens=512, ring_step_seconds=3e-5
+    )
     assert cluster.attention_rate(512) == pytest.approx(cluster.attention_rate(1e12) / 2)
     strategy, seq = Strategy("ring-only", ring=4), 4096
     step = simulator.predict_step(SHAPE, strategy, 1, seq, cluster, BF16, Training())
@@ -99,8 +100,8 @@ def test_narrow_tp_shards_slow_the_gemms():
         step = simulator.predict_step(SHAPE, strategy, 1, seq, cluster, BF16, Training())
         width = min(seq // 2, 1024 // tp, 512 // tp)  # tokens, ffn/tp, (H or H+2G)·d/tp
         rate = cluster.peak_flops * cluster.gemm_efficiency * width / (width + 128)
-        flops = 3 * (SHAPE.layers * cost_model.gemm_flops_per_layer(SHAPE, strategy, 1, seq)
-                     + cost_model.output_layer_flops(SHAPE, strategy, 1, seq))  # fmt: skip
+        layers = SHAPE.layers * cost_model.gemm_flops_per_layer(SHAPE, strategy, 1, seq)
+        flops = 3 * (layers + cost_model.output_layer_flops(SHAPE, strategy, 1, seq))
         assert step["gemm"] == pytest.approx(flops / rate, rel=1e-9)
 
 
@@ -149,10 +150,8 @@ def _brute_force(workload: Workload, cluster, gpus: int, search: Search):
                             )["total"]
                             if mem > usable:
                                 continue
-                            step = simulator.predict_step(
-                                workload.shape, strategy, 1, workload.seq, cluster, BF16,
-                                training, m,
-                            )  # fmt: skip
+                            args = (workload.shape, strategy, 1, workload.seq, cluster, BF16)
+                            step = simulator.predict_step(*args, training, m)
                             per_token = step["total"] / (dp * m * workload.seq)
                             if best is None or per_token < best:
                                 best = per_token
@@ -246,6 +245,6 @@ def test_fit_length_table_is_the_last_length_that_fits():
         assert tokens > 0 and row[f"recompute={recompute}"]["plan"]["recompute"] == recompute
         planner.choose(Workload(SHAPE, tokens, sequences_per_step=1), cluster, 8, limited)
         with pytest.raises(NoLayoutFits):
-            planner.choose(Workload(SHAPE, tokens + unit, sequences_per_step=1), cluster, 8,
-                           limited)  # fmt: skip
+            longer = Workload(SHAPE, tokens + unit, sequences_per_step=1)
+            planner.choose(longer, cluster, 8, limited)
     assert row["recompute=True"]["tokens"] > row["recompute=False"]["tokens"]
