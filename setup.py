@@ -53,6 +53,9 @@ setup(
         # outside the ranges until they are read and `make gpu-check` passes on them.
         "gpu": ["transformer-engine[pytorch]>=2.8,<2.21", "flash-attn>=2.6.3,<2.9"],
         "test": ["pytest>=8", "ruff"],
+        # Peers for tools/benchmark_sp.py --attention-only (the versions run beside ours; CPU:
+        # DeepSpeed-Ulysses trains, yunchang's torch kernels run forward only).
+        "peers": ["deepspeed==0.19.8", "yunchang==0.6.4"],
     },
     entry_points={
         "console_scripts": [

@@ -59,3 +59,19 @@ def test_simulate_tool_writes_the_study(tmp_path):
     text = (tmp_path / "simulate_sp.md").read_text()
     assert "| vs ring-only | 2.1–5.7× |" in text and "Assumptions:" in text
     assert (tmp_path / "simulate_sp.png").read_bytes().startswith(PNG)
+
+
+def test_fit_errors_set_the_model_beside_a_null_model():
+    """By hand: two strategies measured 1.0 s and 2.0 s, predicted 1.5 s and 2.0 s; the pair's
+    measured speedup 0.5×, predicted 0.75×. The null model predicts 1× and 1.5 s for both."""
+    from megatron_longvila.benchmarks.compare import fit_errors
+
+    rows = [{"time_s": 1.0, "predicted_s": 1.5}, {"time_s": 2.0, "predicted_s": 2.0}]
+    pairs = [{"measured": 0.5, "predicted": 0.75, "prediction_error": 0.75 / 0.5 - 1}]
+    fit = fit_errors(rows, pairs)
+    assert fit["speedups"]["model"]["mean_abs"] == pytest.approx(0.5, rel=1e-12)
+    assert fit["speedups"]["null"]["mean_abs"] == pytest.approx(1.0, rel=1e-12)  # 1/0.5 − 1
+    assert fit["speedups"]["sign"] == 1 and fit["speedups"]["pairs"] == 1
+    assert fit["steps"]["model"]["mean_abs"] == pytest.approx(0.25, rel=1e-12)  # (0.5 + 0) / 2
+    assert fit["steps"]["null"]["max_abs"] == pytest.approx(0.5, rel=1e-12)  # 1.5 / 1.0 − 1
+    assert json.loads(json.dumps(fit)) == fit

@@ -7,6 +7,12 @@ step times and speedups beside the measured ones. Writes ``benchmark_sp.json``, 
 
     python tools/benchmark_sp.py --world 8 --seq 4096 --out runs/benchmark_sp   # gloo ranks
     torchrun --nproc-per-node 8 tools/benchmark_sp.py --preset llama3-8b --layers 4 --seq 65536
+
+``--attention-only`` times the attention alone: our Ulysses-only, ring-only and 2D attention beside
+DeepSpeed-Ulysses and yunchang's USP when they are installed (``pip install .[peers]``), on the
+same inputs in alternating rounds; writes ``attention_only.json`` and ``.md``.
+
+    python tools/benchmark_sp.py --attention-only --world 4 --seq 4096
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--no-calibrate", action="store_true", help="skip the simulator calibration")
     p.add_argument("--world", type=int, default=8, help="gloo ranks to start without torchrun")
+    p.add_argument("--attention-only", action="store_true", help="attention alone, with peers")
     p.add_argument("--out", type=Path, default=Path("runs/benchmark_sp"))
     return p.parse_args()
 
@@ -82,8 +89,39 @@ def _device(world: int) -> str:
     )
 
 
+def _attention_only(a: argparse.Namespace) -> None:
+    from megatron_longvila.benchmarks import attention_peers as peers
+
+    shape = _shape(a)
+    settings = peers.AttentionSettings(
+        batch=a.batch,
+        seq=a.seq,
+        heads=shape.heads,
+        head_dim=shape.head_dim,
+        repeats=a.repeats,
+        warmup=a.warmup,
+    )
+    with rank_runner(a.world) as (run, reporter):
+        world = dist.get_world_size() if dist.is_initialized() else a.world
+        result = peers.run_attention_comparison(peers.entries_for(world), settings, run, a.rounds)
+        if reporter:
+            result["device"] = _device(world)
+            text = (
+                f"Attention alone: batch {a.batch} × {a.seq} tokens, {shape.heads} heads × "
+                f"{shape.head_dim}, causal, fp32; {result['device']}; median over "
+                f"{a.rounds} alternating rounds of {a.repeats} passes.\n\n"
+                + peers.attention_table(result)
+                + "\n"
+            )
+            report.save_json_and_markdown(a.out, "attention_only", result, text)
+            print(text)
+
+
 def main() -> None:
     a = _parse()
+    if a.attention_only:
+        _attention_only(a)
+        return
     shape = _shape(a)
     on_gpu = torch.cuda.is_available()
     settings = StepSettings(

@@ -1,24 +1,27 @@
-"""Predict step time and memory of MM-SP, ring-only, Ulysses-only and Megatron CP+TP on a cluster.
+"""Best layout of MM-SP, Megatron CP+TP, hierarchical CP, ring-only and Ulysses-only on a cluster.
 
 Default: the LongVILA paper's setting (Llama-3-8B decoder, H100 nodes of 8 GPUs, 32–256 GPUs,
-64K–2M tokens): predicted step times, MM-SP's speedups beside the paper's ranges, and the longest
-sequence that fits per GPU count with and without activation recomputation. Every cluster number
-can be overridden; every assumption is printed. Writes ``simulate_sp.json``, ``.md``, ``.png``.
+64K–2M tokens, 2M tokens per optimizer step): the planner's best layout and runner-up of each
+family, MM-SP's speedups over the best CP+TP and ring-only layouts beside the paper's ranges with
+the term that decides each, a sensitivity sweep (overlap, NIC bandwidth, attention efficiency),
+and the longest sequence that fits on 128/256 GPUs (Llama-3-8B, Qwen2-7B) with and without
+activation recomputation. Every cluster number can be overridden; every assumption is printed.
+Writes ``simulate_sp.json``, ``.md``, ``.png``.
 
     python tools/simulate_sp.py --out runs/simulate_sp
-    python tools/simulate_sp.py --ib-gbps 25 --gpus 64 128 --seq 256K 1M
-    python tools/simulate_sp.py --calibrate-cpu --world 8 --seq 4096   # fit this machine (gloo)
+    python tools/simulate_sp.py --ib-gbps 25 --gpus 64 128 --seq 256K 1M --no-sweep
+    python tools/simulate_sp.py --calibrate-cpu --world 4 --seq 2048   # fit, measure, vs null
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import replace
 from pathlib import Path
 
 from megatron_longvila.benchmarks import study_report
-from megatron_longvila.benchmarks.scaling_study import H100_NODES, Setup, paper_study
+from megatron_longvila.benchmarks.planner import Search
+from megatron_longvila.benchmarks.scaling_study import H100_NODES, StudySetup, paper_study
 from megatron_longvila.benchmarks.simulator import Link
 from megatron_longvila.benchmarks.workload import CPU_SMALL, LLAMA3_8B, strategies_for
 
@@ -35,8 +38,12 @@ def _parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gpus", type=int, nargs="+", default=[32, 64, 128, 256])
     p.add_argument("--seq", type=_tokens, nargs="+", default=None, help="e.g. 64K 1M 2M")
-    p.add_argument("--memory-gpus", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256])
-    p.add_argument("--sharding", choices=["none", "zero1", "zero3"], default="zero3")
+    p.add_argument("--memory-gpus", type=int, nargs="+", default=[128, 256])
+    p.add_argument("--tokens-per-step", type=_tokens, default=_tokens("2M"))
+    p.add_argument(
+        "--sharding", choices=["none", "zero1", "zero3"], nargs="+", default=["zero1", "zero3"]
+    )
+    p.add_argument("--no-sweep", action="store_true", help="skip the sensitivity sweep")
     for name in ("layers", "hidden", "heads", "kv-heads", "ffn-hidden", "vocab"):
         p.add_argument(f"--{name}", type=int, help="override Llama-3-8B's value")
     cluster = p.add_argument_group("cluster (defaults: the H100 preset)")
@@ -53,6 +60,7 @@ def _parse() -> argparse.Namespace:
     cpu = p.add_argument_group("calibration on this machine")
     cpu.add_argument("--calibrate-cpu", action="store_true")
     cpu.add_argument("--world", type=int, default=8)
+    cpu.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("runs/simulate_sp"))
     return p.parse_args()
 
@@ -84,28 +92,23 @@ def _cluster(a: argparse.Namespace):
 
 
 def _calibrate_cpu(a: argparse.Namespace) -> None:
-    """Fit this machine's rates on ``--world`` gloo ranks and predict the benchmark's strategies."""
-    from megatron_longvila.benchmarks.calibration import calibrated_cluster, measure_calibration
-    from megatron_longvila.benchmarks.compare import predict
+    """Fit this machine's rates on ``--world`` gloo ranks, measure every strategy there, and
+    report the calibrated model's error beside a null model's, with the fitted parameters."""
+    from megatron_longvila.benchmarks import report
+    from megatron_longvila.benchmarks.compare import run_comparison
     from megatron_longvila.benchmarks.gpt_step import StepSettings
     from megatron_longvila.core.rank_pool import RankPool
 
     settings = StepSettings(seq=a.seq[0] if a.seq else 4096)
-    with RankPool(a.world) as pool:
-        measured = pool.run(measure_calibration, CPU_SMALL, settings.seq)[0]
-    cluster = calibrated_cluster(measured)
     strategies = strategies_for(a.world, CPU_SMALL)
-    predicted = predict(CPU_SMALL, strategies, settings, cluster)
-    a.out.mkdir(parents=True, exist_ok=True)
-    rows = {s.label: p for s, p in zip(strategies, predicted)}
-    (a.out / "calibration.json").write_text(
-        json.dumps(
-            {"measured": measured, "cluster": cluster.as_dict(), "predicted": rows}, indent=2
-        )
-    )
-    print("\n".join(cluster.notes))
-    for label, parts in rows.items():
-        print(f"{label:24s} predicted step {1e3 * parts['total']:8.1f} ms")
+    with RankPool(a.world) as pool:
+        result = run_comparison(CPU_SMALL, strategies, settings, pool.run, a.rounds)
+    result |= {"device": f"{a.world} gloo ranks on this machine", "date": "calibration"}
+    report.write(result, a.out, stem="calibration")
+    print("Fitted parameters:", "; ".join(result["cluster"]["notes"]))
+    print(report.prediction_table(result))
+    print(report.speedup_table(result))
+    print(report.fit_table(result))
 
 
 def main() -> None:
@@ -122,9 +125,10 @@ def main() -> None:
     study = paper_study(
         shape=replace(LLAMA3_8B, **overrides),
         cluster=_cluster(a),
-        setup=Setup(sharding=a.sharding),
+        setup=StudySetup(a.tokens_per_step, Search(shardings=tuple(a.sharding))),
         gpu_counts=tuple(a.gpus),
         memory_gpu_counts=tuple(a.memory_gpus),
+        sweep=not a.no_sweep,
         **kwargs,
     )
     print(study_report.write(study, a.out))

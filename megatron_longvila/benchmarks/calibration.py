@@ -113,7 +113,7 @@ def fit_link(samples: list[tuple[float, float, float]]) -> tuple[Link, float]:
     """Latency and bandwidth minimizing the relative error; also the largest relative error."""
     a = np.array([[m / s, b / s] for m, b, s in samples])
     latency, inverse_bandwidth = np.linalg.lstsq(a, np.ones(len(samples)), rcond=None)[0]
-    latency, inverse_bandwidth = max(latency, 0.0), max(inverse_bandwidth, 1e-15)
+    latency, inverse_bandwidth = max(float(latency), 0.0), max(float(inverse_bandwidth), 1e-15)
     link = Link(bandwidth=1.0 / inverse_bandwidth, latency=latency)
     worst = max(abs(link.seconds(b, m) - s) / s for m, b, s in samples)
     return link, worst

@@ -74,7 +74,36 @@ def run_comparison(
         result["calibration"] = measured
         result["cluster"] = cluster.as_dict()
     result["speedups"] = speedups(strategies, rows)
+    if calibrate:
+        result["fit"] = fit_errors(result["rows"], result["speedups"])
     return result
+
+
+def fit_errors(rows: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> dict[str, Any]:
+    """How far the calibrated predictions are from the measurements, beside a null model.
+
+    The null model knows nothing of the strategies: it predicts every speedup 1× and every step
+    the mean measured step. Errors are relative (``predicted / measured − 1``), as the mean and
+    the largest absolute value; ``sign`` counts speedups predicted on the measured side of 1×.
+    """
+
+    def summary(errors: list[float]) -> dict[str, float]:
+        absolute = [abs(e) for e in errors]
+        return {"mean_abs": statistics.fmean(absolute), "max_abs": max(absolute)}
+
+    mean_step = statistics.fmean(r["time_s"] for r in rows)
+    return {
+        "speedups": {
+            "model": summary([p["prediction_error"] for p in pairs]) if pairs else None,
+            "null": summary([1.0 / p["measured"] - 1 for p in pairs]) if pairs else None,
+            "sign": sum(bool(p["predicted"] > 1) == bool(p["measured"] > 1) for p in pairs),
+            "pairs": len(pairs),
+        },
+        "steps": {
+            "model": summary([r["predicted_s"] / r["time_s"] - 1 for r in rows]),
+            "null": summary([mean_step / r["time_s"] - 1 for r in rows]),
+        },
+    }
 
 
 def predict(

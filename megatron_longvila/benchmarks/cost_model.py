@@ -18,10 +18,11 @@ hidden, ``H``/``G`` query/kv heads, ``d`` head dim, ``f`` ffn hidden, ``V`` voca
   measured on CPU) every all-reduce becomes an all-gather + reduce-scatter of the same volume,
   and the backward re-gathers each column-parallel input for its weight gradient (2 per layer and
   one for the output layer).
-* ``dp`` (gradient reduction over the ``sp`` ranks, dp = 1): all-reduce of the fp32 gradient
-  buffer of the ``P_t`` parameters a rank holds (``none``); reduce-scatter of it and all-gather of
-  the updated bf16/fp32 weights (``zero1``, Megatron's distributed optimizer); two all-gathers of
-  the weights (forward, backward) and a reduce-scatter of the gradients (``zero3``).
+* ``dp`` (gradient reduction over the ``dp·sp`` ranks of :attr:`Strategy.grad_group`): all-reduce
+  of the fp32 gradient buffer of the ``P_t`` parameters a rank holds (``none``); reduce-scatter
+  of it and all-gather of the updated bf16/fp32 weights (``zero1``, Megatron's distributed
+  optimizer); two all-gathers of the weights (forward, backward) and a reduce-scatter of the
+  gradients (``zero3``).
 
 **FLOPs** per rank: GEMMs ``3 · 2·n·(L·W_layer + h·V)/t`` (forward + twice for backward, ``W_layer
 = h(H+2G)d + Hd·h + 3hf``); attention forward ``4·d·b·H/(tU)`` per attended (query, key) pair,
@@ -149,18 +150,32 @@ def _tensor_parallel_bytes(
     return collectives * traffic.reduce_scatter_bytes(x, t) + loss_stats
 
 
-def _gradient_sync_bytes(
+def gradient_sync_collectives(
     shape: GPTShape, strategy: Strategy, precision: Precision, training: Training
-) -> int:
-    n = strategy.sp  # the dp × cp group: dp = 1 here
+) -> list[tuple[str, int]]:
+    """The collectives of one gradient reduction over :attr:`Strategy.grad_group`, as
+    ``(op, buffer bytes)`` with op one of ``all_reduce``/``reduce_scatter``/``all_gather`` and
+    the buffer the full (unsharded) tensor of the rank's ``P_t`` parameters."""
     p = params_per_rank(shape, strategy.tp)
     grads, weights = p * precision.grad, p * precision.weight
     if training.sharding == "none":
-        return traffic.all_reduce_bytes(grads, n)
-    shard_of_weights = traffic.all_gather_bytes(weights // n, n)
-    if training.sharding == "zero1":
-        return traffic.reduce_scatter_bytes(grads, n) + shard_of_weights
-    return traffic.reduce_scatter_bytes(grads, n) + 2 * shard_of_weights
+        return [("all_reduce", grads)]
+    gathers = 1 if training.sharding == "zero1" else 2
+    return [("reduce_scatter", grads)] + [("all_gather", weights)] * gathers
+
+
+def _gradient_sync_bytes(
+    shape: GPTShape, strategy: Strategy, precision: Precision, training: Training
+) -> int:
+    n = strategy.grad_group
+    sent = {
+        "all_reduce": lambda size: traffic.all_reduce_bytes(size, n),
+        "reduce_scatter": lambda size: traffic.reduce_scatter_bytes(size, n),
+        "all_gather": lambda size: traffic.all_gather_bytes(size // n, n),
+    }
+    return sum(sent[op](size) for op, size in gradient_sync_collectives(
+        shape, strategy, precision, training
+    ))
 
 
 # --------------------------------------------------------------------------------------------
@@ -271,7 +286,7 @@ def memory_per_rank(
 
     * ``weights``/``gradients``/``optimizer``: ``P_t`` parameters of the rank, gradients in
       ``precision.grad``, ``optimizer_bytes_per_param`` (fp32 master copy and two Adam moments;
-      0 for a step without optimizer), sharded over the ``sp`` ranks as ``training.sharding``
+      0 for a step without optimizer), sharded over the ``dp·sp`` ranks as ``training.sharding``
       says (``zero3`` also keeps two gathered layers);
     * ``activations``: ``L`` layers' saved tensors (:func:`layer_activation_bytes`), or with full
       recomputation ``L`` layer inputs plus one layer recomputed;
@@ -281,7 +296,7 @@ def memory_per_rank(
       tensors.
     """
     p = params_per_rank(shape, strategy.tp)
-    n_shards = strategy.sp
+    n_shards = strategy.grad_group
     weights, grads = p * precision.weight, p * precision.grad
     optimizer = p * optimizer_bytes_per_param
     if training.sharding in ("zero1", "zero3"):

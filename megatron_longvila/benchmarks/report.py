@@ -76,6 +76,26 @@ def prediction_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def fit_table(result: dict[str, Any]) -> str:
+    """The calibrated model's errors beside the null model's (:func:`compare.fit_errors`)."""
+    fit = result["fit"]
+    lines = [
+        "| prediction error | calibrated model: mean / max | null model: mean / max |",
+        "|---|---:|---:|",
+    ]
+    for key, what in (("speedups", "speedups"), ("steps", "step times")):
+        model, null = fit[key]["model"], fit[key]["null"]
+        if model is None:
+            continue
+        lines.append(
+            f"| {what} | {100 * model['mean_abs']:.0f}% / {100 * model['max_abs']:.0f}% | "
+            f"{100 * null['mean_abs']:.0f}% / {100 * null['max_abs']:.0f}% |"
+        )
+    s = fit["speedups"]
+    lines.append(f"| speedups on the measured side of 1× | {s['sign']} of {s['pairs']} | — |")
+    return "\n".join(lines)
+
+
 def markdown(result: dict[str, Any]) -> str:
     parts = [
         f"{_shape_line(result)}; {result['device']}; {result['date']}.",
@@ -87,7 +107,7 @@ def markdown(result: dict[str, Any]) -> str:
     if "calibration" in result:
         notes = "; ".join(result["cluster"]["notes"])
         parts += ["", f"Simulator calibrated on this machine: {notes}.", ""]
-        parts.append(prediction_table(result))
+        parts += [prediction_table(result), "", fit_table(result)]
     return "\n".join(parts) + "\n"
 
 

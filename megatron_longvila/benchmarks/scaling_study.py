@@ -1,26 +1,31 @@
-"""The simulator on the paper's settings: speedups over a grid of GPU counts and sequence lengths,
-and the longest sequence that fits per GPU count, with every assumption written down.
+"""The planner on the paper's settings: the best layout of each family over a grid of GPU counts
+and sequence lengths, MM-SP's ratio to the best CP+TP and the best ring-only layout with the term
+of the model that decides it, a sensitivity sweep, and the longest sequence that fits, with every
+assumption written down.
 
 LongVILA's claims (arXiv 2408.10188): MM-SP is 2.1–5.7× faster than ring-style (zigzag ring) SP
 and 1.1–1.4× faster than Megatron-LM CP+TP in text-only training, and trains 2M-token sequences
-on 256 GPUs without gradient checkpointing. The study below puts the simulator's predictions for
-a Llama-3-8B decoder on H100 nodes beside those numbers.
+on 256 GPUs without gradient checkpointing. The study puts the model's predictions for a
+Llama-3-8B decoder on H100 nodes beside those numbers; nothing in it is tuned toward them.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from megatron_longvila.benchmarks import cost_model, simulator
-from megatron_longvila.benchmarks.cost_model import Precision, Training
+from megatron_longvila.benchmarks import planner
+from megatron_longvila.benchmarks.cost_model import Precision
+from megatron_longvila.benchmarks.planner import BF16, Plan, Search, Workload
 from megatron_longvila.benchmarks.simulator import Cluster, Link
-from megatron_longvila.benchmarks.workload import LLAMA3_8B, GPTShape, Strategy
+from megatron_longvila.benchmarks.workload import LLAMA3_8B, QWEN2_7B, GPTShape
 
 GiB = 2**30
 K = 1024
+M = 1024 * K
 
 PAPER_RANGES = {"vs ring-only": (2.1, 5.7), "vs CP+TP": (1.1, 1.4)}
+BASELINES = {"vs ring-only": "ring-only", "vs CP+TP": "CP+TP"}
 
 H100_NODES = Cluster(
     name="H100 SXM 80 GB, 8 per node (NVLink 4), one 400 Gb/s InfiniBand NIC per GPU",
@@ -33,171 +38,169 @@ H100_NODES = Cluster(
     overlap=0.9,
     memory_bytes=80 * GiB,
     memory_usable=0.9,
+    attention_half_tokens=256,
+    gemm_half_width=128,
+    ring_step_seconds=20e-6,
     notes=(
-        "989 TFLOP/s dense bf16 peak; GEMMs at 55% of it, flash attention at 40% (FlashAttention-2 "
-        "class kernels); elementwise work folded into these efficiencies",
-        "NVLink: 350 GB/s per GPU per direction achievable, 5 us per message; InfiniBand NDR: "
-        "45 GB/s per GPU per direction achievable, 10 us per message",
-        "90% of each overlappable transfer (ring K/V and dK/dV hops, gradient and ZeRO traffic) "
-        "hides behind compute; Ulysses all-to-alls and TP collectives do not overlap",
+        "peak: 989 TFLOP/s dense bf16 (NVIDIA H100 SXM datasheet); large GEMMs at 55% of it and "
+        "large-block flash attention at 40% (assumed, FlashAttention-2-class kernels; not "
+        "measured here); elementwise work folded into these efficiencies",
+        "attention efficiency falls for small blocks as q/(q + 256), q the query tokens of a "
+        "ring step's block (assumed: half speed at 256 tokens, 80% at 1K, 94% at 4K, the shape "
+        "of FlashAttention-2's published sequence-length sweeps); each ring step, forward or "
+        "backward, costs a fixed 20 us more (assumed: kernel launches and the log-sum-exp merge)",
+        "GEMM efficiency falls for narrow operands as w/(w + 128), w the smallest of a rank's "
+        "tokens and its tensor-parallel share of the QKV, projection and MLP widths (assumed)",
+        "NVLink 4: 350 GB/s per GPU per direction achievable (of 450 GB/s nominal), 5 us per "
+        "message; InfiniBand NDR: 45 GB/s per GPU per direction achievable (of 50 GB/s line "
+        "rate), 10 us per message (assumed from typical NCCL bus bandwidths)",
+        "collectives are hierarchical: over g GPUs per node and m nodes a reduce-scatter or "
+        "all-gather of S bytes costs max(S(g-1)/g / NVLink, S/g (m-1)/m / NIC) plus (g-1) NVLink "
+        "and (m-1) NIC latencies, an all-reduce twice that; all-to-alls that leave a node send "
+        "(N-g)/N of their bytes over each GPU's own NIC (NCCL's ring/tree over per-GPU NICs)",
+        "90% of each overlappable transfer (ring K/V and dK/dV hops, gradient reduction, ZeRO-3 "
+        "gathers) hides behind compute; Ulysses all-to-alls and TP collectives do not overlap "
+        "(assumed; Megatron's defaults)",
         "90% of the 80 GiB usable for the step (CUDA context, allocator fragmentation, buffers)",
     ),
 )
 
 
 @dataclass(frozen=True)
-class Setup:
-    """How the strategies train in the study: the same for all of them, so that the comparison
-    is one of sequence parallelism alone (CP+TP adds Megatron's TP sequence parallelism)."""
+class StudySetup:
+    """What every layout of the study trains: ``tokens_per_step`` tokens per optimizer step in
+    sequences of the cell's length (at least one sequence), searched over ``search``."""
 
-    sharding: str = "zero3"
-    precision: Precision = field(default_factory=lambda: Precision(activation=2, weight=2))
+    tokens_per_step: int = 2 * M
+    search: Search = field(default_factory=Search)
+    precision: Precision = BF16
 
-    def training(self, strategy: Strategy, recompute: bool) -> Training:
-        return Training(
-            sharding=self.sharding,
-            recompute=recompute,
-            tp_sequence_parallel=strategy.kind == "CP+TP",
-            overlap_grad_sync=True,
-        )
+    def workload(self, shape: GPTShape, seq: int) -> Workload:
+        sequences = max(1, self.tokens_per_step // seq)
+        return Workload(shape, seq, sequences_per_step=sequences, precision=self.precision)
 
     def assumptions(self) -> list[str]:
+        s = self.search
         return [
-            f"every strategy trains with {_SHARDING_WORDS[self.sharding]}, overlapped with "
-            "compute (the LongVILA paper trains with DeepSpeed ZeRO-3); one sequence per "
-            "optimizer step",
-            "step times without activation recomputation where the step fits, with it where it "
-            "fits only so (marked R)",
-            "CP+TP: tensor parallelism inside each node with Megatron's TP sequence parallelism, "
-            "p2p K/V ring across nodes; MM-SP 2D: Ulysses inside each node, ring across nodes",
+            f"each optimizer step trains {self.tokens_per_step // K}K tokens (one sequence when "
+            "the sequence is longer), one sequence per micro-batch; every layout of a family is "
+            f"searched: tp in {list(s.tp_choices)} (inside a node), every ulysses × ring, pp in "
+            f"{list(s.pp_choices)} (1F1B; a stage priced as L/pp layers plus the embedding and "
+            "output layer), dp for the rest",
+            f"optimizer sharding searched over {list(s.shardings)}: zero1 = Megatron's "
+            "distributed optimizer (reduce-scatter of fp32 gradients, all-gather of the weights "
+            "once per step), zero3 = weights, gradients and optimizer states sharded (two weight "
+            "all-gathers and a gradient reduce-scatter per micro-batch), both over dp × sp",
+            "full activation recomputation only where the layout does not fit without it "
+            "(marked R); memory per GPU from the cost model's formulas (fused GPU kernels)",
+            "tp > 1 runs with Megatron's TP sequence parallelism in every family; MM-SP with TP "
+            "and Megatron's hierarchical CP (a2a+p2p) have the same schedule in this model",
             "bf16 activations and weights, fp32 gradient reduction and fp32 dK/dV accumulators "
             "in the ring; Adam with fp32 master weights and moments (12 bytes per parameter)",
-            "one sequence per step (batch 1), causal attention split zigzag, no padding tokens",
+            "causal attention split zigzag, no padding tokens; the vision tower is not priced "
+            "(text-only, as the paper's comparison)",
         ]
 
 
-_SHARDING_WORDS = {
-    "none": "replicated weights, gradients and optimizer states",
-    "zero1": "the optimizer states sharded over all GPUs of the sequence (Megatron's distributed "
-    "optimizer, ZeRO-1)",
-    "zero3": "weights, gradients and optimizer states sharded over all GPUs of the sequence "
-    "(ZeRO-3/FSDP: two weight all-gathers and a gradient reduce-scatter per step)",
-}
-
-
-def strategies_at(gpus: int, shape: GPTShape, gpus_per_node: int) -> dict[str, Strategy]:
-    """The four strategies on ``gpus`` GPUs; those that cannot split ``shape`` are left out.
-
-    MM-SP 2D puts a Ulysses group on each node and rings across nodes; CP+TP puts tensor
-    parallelism on each node and the context-parallel ring across nodes.
-    """
-    inner = min(gpus_per_node, gpus)
-    candidates = {
-        "MM-SP 2D": Strategy("2D", ulysses=inner, ring=gpus // inner) if gpus > inner else None,
-        "ring-only": Strategy("ring-only", ring=gpus),
-        "Ulysses-only": Strategy("ulysses-only", ulysses=gpus),
-        "CP+TP": Strategy("CP+TP", tp=inner, ring=gpus // inner) if gpus > inner else None,
+def deciding_term(plan: Plan, baseline: Plan) -> dict[str, Any]:
+    """The part of the step (``simulator.predict_step``'s keys) whose difference per token most
+    favours the faster of the two, and that difference in seconds of ``plan``'s step."""
+    scale = plan.tokens_per_step
+    diffs = {
+        k: (baseline.parts[k] / baseline.tokens_per_step - plan.parts[k] / scale) * scale
+        for k in plan.parts
+        if k != "total"
     }
-    if gpus <= inner:  # one node: MM-SP is Ulysses over the node
-        candidates["MM-SP 2D"] = Strategy("ulysses-only", ulysses=gpus)
-    found = {}
-    for name, strategy in candidates.items():
-        if strategy is None:
-            continue
-        try:
-            strategy.check(shape)
-        except ValueError:
-            continue
-        found[name] = strategy
-    return found
+    wins = baseline.seconds_per_token >= plan.seconds_per_token
+    term = max(diffs, key=diffs.get) if wins else min(diffs, key=diffs.get)
+    return {"term": term, "seconds": diffs[term], "mmsp_wins": wins}
 
 
-def _step(shape, strategy, seq, cluster, setup) -> dict[str, Any] | None:
-    """Predicted step without recomputation if it fits, else with it, else None."""
-    for recompute in (False, True):
-        training = setup.training(strategy, recompute)
-        if simulator.fits(shape, strategy, 1, seq, cluster, setup.precision, training):
-            parts = simulator.predict_step(
-                shape, strategy, 1, seq, cluster, setup.precision, training
-            )
-            memory = cost_model.memory_per_rank(shape, strategy, 1, seq, setup.precision, training)
-            return {
-                "seconds": parts["total"],
-                "parts": parts,
-                "recompute": recompute,
-                "memory_bytes": memory["total"],
-            }
-    return None
+def study_cell(
+    shape: GPTShape, cluster: Cluster, setup: StudySetup, gpus: int, seq: int
+) -> dict[str, Any]:
+    """Best and runner-up of each family at (``gpus``, ``seq``), MM-SP's ratios to the best
+    CP+TP and ring-only plans (their seconds per token over MM-SP's) and the deciding terms."""
+    workload = setup.workload(shape, seq)
+    found = planner.best_per_family(workload, cluster, gpus, setup.search)
+    cell: dict[str, Any] = {
+        "gpus": gpus,
+        "seq": seq,
+        "tokens_per_step": seq * workload.sequences_per_step,
+        "families": {f: [p.as_dict() for p in plans] for f, plans in found.items()},
+    }
+    mmsp = found.get("MM-SP", [None])[0]
+    for key, family in BASELINES.items():
+        other = found.get(family, [None])[0]
+        if mmsp and other:
+            cell[key] = other.seconds_per_token / mmsp.seconds_per_token
+            cell[f"{key} decided by"] = deciding_term(mmsp, other)
+    return cell
 
 
 def speed_grid(
-    shape: GPTShape,
-    cluster: Cluster,
-    setup: Setup,
-    gpu_counts: list[int],
-    seqs: list[int],
+    shape: GPTShape, cluster: Cluster, setup: StudySetup, gpu_counts, seqs
 ) -> list[dict[str, Any]]:
-    """Predicted step of every strategy at every (GPUs, sequence), and MM-SP's speedups."""
-    cells = []
-    for gpus in gpu_counts:
-        strategies = strategies_at(gpus, shape, cluster.gpus_per_node)
-        for seq in seqs:
-            if seq % (2 * gpus):
-                continue
-            steps = {name: _step(shape, s, seq, cluster, setup) for name, s in strategies.items()}
-            cell = {"gpus": gpus, "seq": seq, "steps": steps}
-            mmsp = steps.get("MM-SP 2D")
-            for baseline, key in (("ring-only", "vs ring-only"), ("CP+TP", "vs CP+TP")):
-                other = steps.get(baseline)
-                if mmsp and other:
-                    cell[key] = other["seconds"] / mmsp["seconds"]
-            cells.append(cell)
-    return cells
+    return [study_cell(shape, cluster, setup, g, s) for g in gpu_counts for s in seqs]
 
 
-def longest_sequences(
-    shape: GPTShape, cluster: Cluster, setup: Setup, gpu_counts: list[int]
+def ratio_ranges(grid: list[dict[str, Any]]) -> dict[str, tuple[float, float] | None]:
+    ranges = {}
+    for key in PAPER_RANGES:
+        values = [c[key] for c in grid if key in c]
+        ranges[key] = (min(values), max(values)) if values else None
+    return ranges
+
+
+def sensitivity_clusters(cluster: Cluster) -> list[tuple[str, float, Cluster]]:
+    """(parameter, value, cluster) of the sweep: ring/gradient overlap 0.5–0.9, NIC 25–45 GB/s,
+    attention efficiency ±25%."""
+    out = [("overlap", v, replace(cluster, overlap=v)) for v in (0.5, 0.7, 0.9)]
+    out += [
+        ("NIC GB/s", v, replace(cluster, inter_node=replace(cluster.inter_node, bandwidth=v * 1e9)))
+        for v in (25, 35, 45)
+    ]
+    efficiency = cluster.attention_efficiency
+    out += [
+        ("attention efficiency", v, replace(cluster, attention_efficiency=efficiency * v))
+        for v in (0.75, 1.0, 1.25)
+    ]
+    return out
+
+
+def sensitivity(
+    shape: GPTShape, cluster: Cluster, setup: StudySetup, gpu_counts, seqs
 ) -> list[dict[str, Any]]:
-    """Longest sequence per GPU count and strategy, without and with full recomputation."""
+    """MM-SP's ratio ranges over the grid for each value of each swept parameter."""
     rows = []
-    for gpus in gpu_counts:
-        row: dict[str, Any] = {"gpus": gpus}
-        for name, strategy in strategies_at(gpus, shape, cluster.gpus_per_node).items():
-            row[name] = {
-                f"recompute={recompute}": simulator.longest_sequence(
-                    shape,
-                    strategy,
-                    cluster,
-                    setup.precision,
-                    setup.training(strategy, recompute),
-                )
-                for recompute in (False, True)
-            }
-        rows.append(row)
+    for parameter, value, swept in sensitivity_clusters(cluster):
+        grid = speed_grid(shape, swept, setup, gpu_counts, seqs)
+        rows.append({"parameter": parameter, "value": value, "ranges": ratio_ranges(grid)})
     return rows
 
 
 def paper_study(
     shape: GPTShape = LLAMA3_8B,
     cluster: Cluster = H100_NODES,
-    setup: Setup | None = None,
+    setup: StudySetup | None = None,
     gpu_counts: tuple[int, ...] = (32, 64, 128, 256),
     seqs: tuple[int, ...] = (64 * K, 128 * K, 256 * K, 512 * K, 1024 * K, 2048 * K),
-    memory_gpu_counts: tuple[int, ...] = (8, 16, 32, 64, 128, 256),
+    memory_gpu_counts: tuple[int, ...] = (128, 256),
+    sweep: bool = True,
 ) -> dict[str, Any]:
-    setup = setup or Setup()
-    grid = speed_grid(shape, cluster, setup, list(gpu_counts), list(seqs))
-    ranges = {}
-    for key in PAPER_RANGES:
-        values = [c[key] for c in grid if key in c]
-        ranges[key] = (min(values), max(values)) if values else None
+    setup = setup or StudySetup()
+    grid = speed_grid(shape, cluster, setup, gpu_counts, seqs)
+    fit_search = replace(setup.search, families=("MM-SP", "CP+TP", "ring-only"))
     return {
         "shape": shape.as_dict(),
         "cluster": cluster.as_dict(),
         "assumptions": list(cluster.notes) + setup.assumptions(),
         "paper_ranges": PAPER_RANGES,
-        "predicted_ranges": ranges,
+        "predicted_ranges": ratio_ranges(grid),
         "speed_grid": grid,
-        "longest_sequences": longest_sequences(shape, cluster, setup, list(memory_gpu_counts)),
-        "setup": asdict(setup),
+        "sensitivity": sensitivity(shape, cluster, setup, gpu_counts, seqs) if sweep else [],
+        "longest_sequences": planner.fit_length_table(
+            {"llama3-8b": LLAMA3_8B, "qwen2-7b": QWEN2_7B}, cluster, memory_gpu_counts, fit_search
+        ),
+        "tokens_per_step": setup.tokens_per_step,
     }

@@ -1,13 +1,19 @@
 """What is benchmarked: a Llama-like GPT decoder shape and the parallel strategies compared.
 
-A strategy puts ``world = tp × ulysses × ring`` ranks on one sequence (no data parallelism):
+A strategy puts ``tp × ulysses × ring`` ranks on one sequence, and runs ``dp`` such groups
+side by side (data parallelism) in each of ``pp`` pipeline stages:
+``world = tp·ulysses·ring·dp·pp``.
+Ranks are ordered tp innermost, then Ulysses, ring, dp, pp (see ``core/topology.py``).
 
-* ``2D`` — MM-SP: Ulysses inside (``ulysses`` ranks), zigzag ring across (``ring`` ranks), tp = 1;
-* ``ring-only`` — zigzag ring attention over all ranks (ulysses = 1, tp = 1);
-* ``ulysses-only`` — one Ulysses group of all ranks (ring = 1, tp = 1);
+* ``2D`` — MM-SP: Ulysses (``ulysses`` ranks) inside, zigzag ring (``ring`` ranks) across, with
+  optional megatron-core tensor parallelism inside the Ulysses group;
+* ``ring-only`` — zigzag ring attention over all ranks of the sequence (ulysses = 1, tp = 1);
+* ``ulysses-only`` — one Ulysses group of all ranks of the sequence (ring = 1, tp = 1);
 * ``CP+TP`` — Megatron's recipe: megatron-core tensor parallelism (``tp`` ranks split heads and
   weights) and a p2p K/V ring over the context-parallel ranks (``ring``), as Transformer Engine's
-  ``cp_comm_type="p2p"`` does.
+  ``cp_comm_type="p2p"`` does;
+* ``hier-CP`` — Megatron's hierarchical context parallelism (TE ``cp_comm_type="a2a+p2p"``):
+  tensor parallelism, an all-to-all level (``ulysses``) and a p2p ring (``ring``).
 """
 
 from __future__ import annotations
@@ -44,6 +50,10 @@ class GPTShape:
 LLAMA3_8B = GPTShape(layers=32, hidden=4096, heads=32, kv_heads=8, ffn_hidden=14336, vocab=128256)
 
 
+# Qwen2-7B's decoder (LongVILA-7B's LLM; its QKV biases are left out of the count).
+QWEN2_7B = GPTShape(layers=28, hidden=3584, heads=28, kv_heads=4, ffn_hidden=18944, vocab=152064)
+
+
 # Small enough for 8 gloo ranks on a few CPU cores; Ulysses up to 8 (kv heads replicated).
 CPU_SMALL = GPTShape(layers=2, hidden=256, heads=8, kv_heads=4, ffn_hidden=704, vocab=1024)
 
@@ -56,14 +66,19 @@ class Strategy:
     tp: int = 1
     ulysses: int = 1
     ring: int = 1
+    dp: int = 1
+    pp: int = 1
 
-    KINDS = ("2D", "ring-only", "ulysses-only", "CP+TP")
+    KINDS = ("2D", "ring-only", "ulysses-only", "CP+TP", "hier-CP")
 
     def __post_init__(self) -> None:
         if self.kind not in self.KINDS:
             raise ValueError(f"unknown strategy kind {self.kind!r}; expected one of {self.KINDS}")
-        expected_tp_one = self.kind != "CP+TP"
-        if expected_tp_one and self.tp != 1:
+        sizes = {"tp": self.tp, "ulysses": self.ulysses, "ring": self.ring, "dp": self.dp}
+        bad = {k: v for k, v in (sizes | {"pp": self.pp}).items() if v < 1}
+        if bad:
+            raise ValueError(f"{self.kind}: sizes must be >= 1, got {bad}")
+        if self.kind in ("ring-only", "ulysses-only") and self.tp != 1:
             raise ValueError(f"{self.kind} runs without tensor parallelism, got tp={self.tp}")
         if self.kind == "CP+TP" and self.ulysses != 1:
             raise ValueError(f"CP+TP has no Ulysses level, got ulysses={self.ulysses}")
@@ -74,7 +89,12 @@ class Strategy:
 
     @property
     def world(self) -> int:
-        return self.tp * self.ulysses * self.ring
+        return self.tp * self.ulysses * self.ring * self.dp * self.pp
+
+    @property
+    def grad_group(self) -> int:
+        """Ranks one parameter's gradient is reduced over (megatron-core's dp × cp)."""
+        return self.dp * self.sp
 
     @property
     def sp(self) -> int:
@@ -84,10 +104,13 @@ class Strategy:
     @property
     def label(self) -> str:
         if self.kind == "CP+TP":
-            return f"CP+TP tp{self.tp}×cp{self.ring}"
-        if self.kind == "2D":
-            return f"2D {self.ulysses}×{self.ring}"
-        return f"{self.kind} {self.sp}"
+            text = f"CP+TP tp{self.tp}×cp{self.ring}"
+        elif self.kind in ("2D", "hier-CP"):
+            tp = f"tp{self.tp}×" if self.tp > 1 else ""
+            text = f"{self.kind} {tp}{self.ulysses}×{self.ring}"
+        else:
+            text = f"{self.kind} {self.sp}"
+        return text + "".join(f" {k}{v}" for k, v in (("dp", self.dp), ("pp", self.pp)) if v > 1)
 
     def check(self, shape: GPTShape) -> None:
         """Raise ``ValueError`` naming the numbers if this strategy cannot split ``shape``."""

@@ -1,7 +1,8 @@
 """The trainer's config: one YAML per stage (see ``examples/configs/``), overridable from the CLI.
 
 Sections: ``run`` (where, how long, how often to log and save), ``init`` (what the stage starts
-from), ``parallel`` (tp × ulysses × ring × pp; dp follows from the world size), ``model`` (an
+from), ``parallel`` (tp × ulysses × ring × pp; dp follows from the world size; ``parallel: auto``
+lets the launcher plan it for the allocation, see :mod:`.auto_layout`), ``model`` (an
 architecture preset, overrides, which modules are frozen), ``data`` (the data pipeline's
 :class:`~megatron_longvila.data.config.DataConfig`), ``optimizer`` (AdamW, warm-up + cosine,
 clipping). Everything is checked by :func:`load_train_config` before any process group starts:
@@ -150,6 +151,15 @@ class TrainConfig:
         return Path(self.run.output_dir) / "checkpoints"
 
 
+AUTO_LAYOUT = "auto"
+
+
+def explicit_layout_wins(tree: dict[str, Any], overrides: list[str]) -> None:
+    """``parallel.*`` overrides replace ``parallel: auto`` (in place): an explicit layout wins."""
+    if tree.get("parallel") == AUTO_LAYOUT and any(o.startswith("parallel.") for o in overrides):
+        tree["parallel"] = {}
+
+
 def _derived_data_fields(arch: LongVILAConfig) -> dict[str, Any]:
     return {
         "image_size": arch.vision.image_size,
@@ -175,7 +185,14 @@ def load_train_config(
         tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    explicit_layout_wins(tree, overrides)
     apply_overrides(tree, list(overrides))
+    if tree.get("parallel") == AUTO_LAYOUT:
+        raise ConfigError(
+            "parallel: auto is planned by the launcher for its allocation (python -m "
+            "megatron_longvila.training.launcher --config ... [--dry-run]), which hands the "
+            "layout on as parallel={...}; give parallel.tp/ulysses/ring/pp to start without it"
+        )
 
     model = from_dict(ModelSection, tree.get("model") or {}, "model")
     try:

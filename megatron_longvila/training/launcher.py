@@ -3,10 +3,15 @@
 Used by ``examples/slurm/*.sbatch`` (one process per node under ``srun``, each starting
 ``torchrun`` with a c10d rendezvous on the first node) and by hand. ``--dry-run`` prints the
 resolved command and the parallel layout without starting anything, after checking the layout
-against the allocation and the model (the trainer's own check).
+against the allocation and the model (the trainer's own check). ``--nnodes`` stands in for
+SLURM's node count, e.g. to plan a large allocation from a laptop.
+
+With ``parallel: auto`` in the YAML the planner picks the layout for the allocation
+(:mod:`.auto_layout`); the plan, its predicted step time and memory per GPU and the runner-up
+are printed, and the command hands the layout to the trainer as a ``parallel={...}`` override.
 
     python -m megatron_longvila.training.launcher --config examples/configs/stage5_long_sft.yaml \
-        --dry-run [key=value ...]
+        --nproc-per-node 8 --nnodes 32 --dry-run [key=value ...]
 """
 
 from __future__ import annotations
@@ -21,7 +26,14 @@ from dataclasses import dataclass
 import yaml
 
 from megatron_longvila.models.config import ConfigError as ModelConfigError
-from megatron_longvila.training.config import ModelSection, ParallelConfig, check_layout
+from megatron_longvila.training import auto_layout
+from megatron_longvila.training.config import (
+    AUTO_LAYOUT,
+    ModelSection,
+    ParallelConfig,
+    check_layout,
+    explicit_layout_wins,
+)
 from megatron_longvila.training.config_io import ConfigError, apply_overrides, from_dict
 
 
@@ -39,12 +51,16 @@ class Allocation:
         return self.nnodes * self.nproc_per_node
 
     @classmethod
-    def from_env(cls, env: dict[str, str], nproc_per_node: int | None = None) -> Allocation:
-        """From SLURM's variables when present, else a single local node."""
+    def from_env(
+        cls, env: dict[str, str], nproc_per_node: int | None = None, nnodes: int | None = None
+    ) -> Allocation:
+        """From SLURM's variables when present, else a single local node; explicit arguments
+        win."""
         if nproc_per_node is None:
             gpus = env.get("SLURM_GPUS_ON_NODE") or env.get("GPUS_PER_NODE")
             nproc_per_node = int(gpus) if gpus else _local_gpu_count() or 1
-        nnodes = int(env.get("SLURM_NNODES", env.get("NNODES", "1")))
+        if nnodes is None:
+            nnodes = int(env.get("SLURM_NNODES", env.get("NNODES", "1")))
         host = env.get("MASTER_ADDR", "127.0.0.1")
         port = env.get("MASTER_PORT", "29500")
         return cls(
@@ -64,19 +80,27 @@ def _local_gpu_count() -> int:
         return 0
 
 
-def resolve_layout(tree: dict, world_size: int) -> dict[str, int]:
-    """The layout of the YAML's ``parallel`` section on ``world_size`` processes (dp is what
-    is left after tp×sp×pp), checked against the model and the row length by the trainer's own
-    check."""
-    parallel = from_dict(ParallelConfig, tree.get("parallel") or {}, "parallel")
+def resolve_layout(
+    tree: dict, alloc: Allocation
+) -> tuple[dict[str, int], auto_layout.AutoLayout | None]:
+    """The layout of the YAML's ``parallel`` section on the allocation (dp is what is left after
+    tp×sp×pp), checked against the model and the row length by the trainer's own check; with
+    ``parallel: auto`` also the plan that chose it."""
     model = from_dict(ModelSection, tree.get("model") or {}, "model")
     try:
         arch = model.build()
     except ModelConfigError as exc:
         raise ConfigError(f"model: {exc}") from None
+    planned = None
+    section = tree.get("parallel") or {}
+    if section == AUTO_LAYOUT:
+        planned = auto_layout.plan_layout(tree, arch, alloc.nnodes, alloc.nproc_per_node)
+        section = planned.parallel
+    parallel = from_dict(ParallelConfig, section, "parallel")
     data = tree.get("data") or {}
     seq_length = data.get("max_seq_length") if isinstance(data, dict) else None
-    return check_layout(parallel, arch, world_size, seq_length).layout(world_size)
+    world = alloc.world_size
+    return check_layout(parallel, arch, world, seq_length).layout(world), planned
 
 
 def torchrun_command(
@@ -100,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--nproc-per-node", type=int, default=None)
+    parser.add_argument("--nnodes", type=int, default=None, help="default: SLURM_NNODES or 1")
     parser.add_argument("--dry-run", action="store_true", help="print the command and layout")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
@@ -107,14 +132,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with open(args.config, encoding="utf-8") as handle:
             tree = yaml.safe_load(handle) or {}
+        explicit_layout_wins(tree, args.overrides)
         apply_overrides(tree, args.overrides)
-        alloc = Allocation.from_env(dict(os.environ), args.nproc_per_node)
-        resolved = resolve_layout(tree, alloc.world_size)
+        alloc = Allocation.from_env(dict(os.environ), args.nproc_per_node, args.nnodes)
+        resolved, planned = resolve_layout(tree, alloc)
     except (OSError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    cmd = torchrun_command(args.config, args.overrides, alloc)
+    overrides = list(args.overrides)
+    if planned is not None:
+        print("\n".join(planned.describe()))
+        overrides.append(auto_layout.as_override(planned.parallel))
+    cmd = torchrun_command(args.config, overrides, alloc)
     summary = " ".join(f"{k}={v}" for k, v in resolved.items())
     print(f"# {alloc.nnodes} node(s) × {alloc.nproc_per_node} process(es): {summary}")
     print(shlex.join(cmd))
