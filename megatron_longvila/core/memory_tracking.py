@@ -3,7 +3,8 @@
 On GPUs this is the CUDA caching allocator's own accounting (``memory_allocated`` /
 ``max_memory_allocated``) relative to the start of the block. The CPU allocator keeps no
 statistics, so on the CPU a dispatch-level tracker follows the storages of the tensors that ops
-create inside the block (outputs of collectives included) and counts those still alive.
+create inside the block (outputs of collectives included) and counts those still alive; the
+peak counts storages at the size they were created with (an upper bound where storages shrink).
 """
 
 from __future__ import annotations
@@ -36,6 +37,15 @@ class _CpuTensorBytes(TorchDispatchMode):
         self.peak = max(self.peak, self.current)
         return out
 
+    def resident(self) -> int:
+        """Bytes the live storages hold now. Differs from ``current`` where a storage was
+        resized after its creation (megatron-core frees recomputable outputs that way)."""
+        total = 0
+        for ref, _ in self.live.values():
+            if not ref.expired():
+                total += torch.UntypedStorage._new_with_weak_ptr(ref.cdata).nbytes()
+        return total
+
 
 class TensorMemoryMeter:
     """``with TensorMemoryMeter(device) as meter: ...`` then ``meter.current`` / ``meter.peak``:
@@ -66,7 +76,7 @@ class TensorMemoryMeter:
     def current(self) -> int:
         if self.cuda:
             return torch.cuda.memory_allocated() - self._base
-        return self._cpu.current
+        return self._cpu.resident()
 
     @property
     def peak(self) -> int:

@@ -23,7 +23,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_longvila.models.config import VisionConfig
+from megatron_longvila.models.config import MemoryConfig, VisionConfig
 from megatron_longvila.models.transformer import (
     build_transformer_config,
     default_process_groups,
@@ -41,6 +41,7 @@ def vision_transformer_config(
     pg_collection: ProcessGroupCollection,
     params_dtype: torch.dtype,
     overrides: dict[str, Any] | None = None,
+    memory: MemoryConfig | None = None,
 ) -> TransformerConfig:
     return build_transformer_config(
         pg_collection,
@@ -59,6 +60,7 @@ def vision_transformer_config(
             activation_func=gelu_tanh,
         ),
         overrides=overrides,
+        memory=memory,
     )
 
 
@@ -92,7 +94,8 @@ class VisionTower(MegatronModule):
     that their checkpoint key differs from the trained layers': megatron stacks a block's layers
     under one key, and optimizer state exists only for the trained ones.
     ``transformer_overrides`` sets megatron run options; with ``recompute_granularity="full"``
-    every layer is recomputed in the backward pass.
+    every layer is recomputed in the backward pass. ``memory`` says what the layers keep for
+    the backward (:class:`~megatron_longvila.models.config.MemoryConfig`).
     """
 
     def __init__(
@@ -102,9 +105,12 @@ class VisionTower(MegatronModule):
         params_dtype: torch.dtype = torch.float32,
         pg_collection: ProcessGroupCollection | None = None,
         transformer_overrides: dict[str, Any] | None = None,
+        memory: MemoryConfig | None = None,
     ) -> None:
         pg_collection = pg_collection or default_process_groups()
-        config = vision_transformer_config(cfg, pg_collection, params_dtype, transformer_overrides)
+        config = vision_transformer_config(
+            cfg, pg_collection, params_dtype, transformer_overrides, memory
+        )
         super().__init__(config=config)
         self.cfg = cfg
         self.tp_group = pg_collection.tp  # read by MegatronModule.sharded_state_dict
@@ -118,7 +124,7 @@ class VisionTower(MegatronModule):
         self.position_embedding = torch.nn.Embedding(
             cfg.num_patches, cfg.hidden_size, dtype=params_dtype
         )
-        spec = transformer_layer_spec(attn_mask_type=AttnMaskType.no_mask)
+        spec = transformer_layer_spec(attn_mask_type=AttnMaskType.no_mask, memory=memory)
         run, tail = cfg.num_layers_to_run, cfg.num_layers - cfg.num_layers_to_run
         self.encoder = TransformerBlock(
             config=dataclasses.replace(config, num_layers=run),
