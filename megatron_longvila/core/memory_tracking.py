@@ -27,11 +27,19 @@ class _CpuTensorBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
             self.current -= self.live.pop(key)[1]
+        # Views and in-place results of tensors from before the block (parameters) are not new.
+        inputs = {
+            t.untyped_storage()._cdata
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu"
+        }
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                 storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self.live and storage.nbytes():
+                # Keyed by the storage itself, not its address: a storage resized to nothing
+                # frees its address for the next one while it stays alive.
+                key = storage._cdata
+                if key not in self.live and key not in inputs and storage.nbytes():
                     self.live[key] = (StorageWeakRef(storage), storage.nbytes())
                     self.current += storage.nbytes()
         self.peak = max(self.peak, self.current)

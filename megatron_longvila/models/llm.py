@@ -46,6 +46,7 @@ from megatron_longvila.models.rotary import rope_inverse_frequencies, rotary_ang
 from megatron_longvila.models.transformer import (
     build_transformer_config,
     default_process_groups,
+    recompute_mlp_activations,
     transformer_layer_spec,
 )
 
@@ -153,12 +154,14 @@ class LanguageModel(LanguageModule):
         )
         self.decoder = TransformerBlock(
             config=config,
-            spec=transformer_layer_spec(core_attention=core_attention, memory=memory),
+            spec=transformer_layer_spec(core_attention=core_attention),
             pre_process=pre_process,
             post_process=post_process,
             pg_collection=pg_collection,
             vp_stage=vp_stage,
         )
+        if memory.recompute_activation:
+            recompute_mlp_activations(self.decoder)
         offloaded = [
             layer for layer in self.decoder.layers if layer.layer_number <= memory.offload_layers
         ]

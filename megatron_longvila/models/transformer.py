@@ -72,21 +72,25 @@ class ActivationRecomputingMLP(MLP):
         return config.activation_func(x)
 
 
+def recompute_mlp_activations(block: torch.nn.Module) -> None:
+    """Turn every megatron ``MLP`` of ``block`` into an :class:`ActivationRecomputingMLP` (same
+    parameters and state-dict keys; only the forward differs). Applied to built modules because
+    megatron's ``TransformerLayer`` hands its process groups only to an ``MLP`` spec it knows."""
+    for module in block.modules():
+        if type(module) is MLP:
+            module.__class__ = ActivationRecomputingMLP
+
+
 def transformer_layer_spec(
     core_attention: ModuleSpec | type = DotProductAttention,
     attn_mask_type: AttnMaskType = AttnMaskType.causal,
-    memory: MemoryConfig | None = None,
 ) -> ModuleSpec:
     """A pre-norm transformer layer of megatron-core local modules.
 
     Norms are torch's LayerNorm/RMSNorm (``TransformerConfig.normalization`` picks), linears are
     megatron's tensor-parallel ones. The keys map matches megatron-core's local GPT spec, so
-    distributed checkpoints use the same names as Transformer Engine layers. With
-    ``memory.recompute_activation`` the MLP is :class:`ActivationRecomputingMLP` (same
-    parameters, same keys).
+    distributed checkpoints use the same names as Transformer Engine layers.
     """
-    memory = memory or MemoryConfig()
-    mlp = ActivationRecomputingMLP if memory.recompute_activation else MLP
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -105,7 +109,7 @@ def transformer_layer_spec(
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=WrappedTorchNorm,
             mlp=ModuleSpec(
-                module=mlp,
+                module=MLP,
                 submodules=MLPSubmodules(
                     linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
                 ),

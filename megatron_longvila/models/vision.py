@@ -27,6 +27,7 @@ from megatron_longvila.models.config import MemoryConfig, VisionConfig
 from megatron_longvila.models.transformer import (
     build_transformer_config,
     default_process_groups,
+    recompute_mlp_activations,
     transformer_layer_spec,
 )
 
@@ -108,6 +109,7 @@ class VisionTower(MegatronModule):
         memory: MemoryConfig | None = None,
     ) -> None:
         pg_collection = pg_collection or default_process_groups()
+        memory = memory or MemoryConfig()
         config = vision_transformer_config(
             cfg, pg_collection, params_dtype, transformer_overrides, memory
         )
@@ -124,7 +126,7 @@ class VisionTower(MegatronModule):
         self.position_embedding = torch.nn.Embedding(
             cfg.num_patches, cfg.hidden_size, dtype=params_dtype
         )
-        spec = transformer_layer_spec(attn_mask_type=AttnMaskType.no_mask, memory=memory)
+        spec = transformer_layer_spec(attn_mask_type=AttnMaskType.no_mask)
         run, tail = cfg.num_layers_to_run, cfg.num_layers - cfg.num_layers_to_run
         self.encoder = TransformerBlock(
             config=dataclasses.replace(config, num_layers=run),
@@ -146,6 +148,8 @@ class VisionTower(MegatronModule):
             if tail
             else None
         )
+        if memory.recompute_activation:
+            recompute_mlp_activations(self.encoder)
         self.head = PoolingHeadWeights(cfg, params_dtype) if cfg.pooling_head else None
         for module in self.unused_modules():
             module.requires_grad_(False)
