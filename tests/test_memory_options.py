@@ -4,7 +4,8 @@ Reference: the same layout with every option off (whole logits through megatron-
 ``vocab_parallel_cross_entropy``, megatron's MLP and norms keeping all their tensors, nothing
 offloaded), from the same weights (a dist checkpoint) and batches. Under test: each option alone
 — the loss in chunks of 3 tokens (so chunks end mid-row and the last one is short), the MLP
-activation recomputed, the norms recomputed, the first two layers offloaded — in the layouts
+activation recomputed, the norms recomputed, the first two layers offloaded — and all defaults
+under megatron's full layer recomputation, in the layouts
 TP 2 × Ulysses 2, TP 2 × ring 2 and PP 2 × Ulysses 2 (four ranks, two micro-batches of packed
 multimodal rows). Tolerance: 1e-6 absolute on the loss and every gradient (fp32).
 
@@ -56,11 +57,23 @@ def save_initial_weights(checkpoint: str) -> None:
     parallel_state.destroy_model_parallel()
 
 
+LAYER_RECOMPUTE = {
+    "recompute_granularity": "full",
+    "recompute_method": "uniform",
+    "recompute_num_layers": 1,
+}
+
+
 def run_options(layout: tuple[int, int, int, int], checkpoint: str) -> dict:
-    """Per memory setting (plain first): this rank's loss and gradients in ``layout``."""
+    """Per memory setting (plain first, then each option, then all defaults under megatron's
+    full layer recomputation): this rank's loss and gradients in ``layout``."""
+    settings = {name: (memory, {}) for name, memory in {"plain": PLAIN, **OPTIONS}.items()}
+    settings["defaults_with_layer_recompute"] = (MemoryConfig(), LAYER_RECOMPUTE)
     results = {}
-    for name, memory in {"plain": PLAIN, **OPTIONS}.items():
-        result = run_layout(*layout, checkpoint, cfg=replace(CFG, memory=memory))
+    for name, (memory, extra) in settings.items():
+        result = run_layout(
+            *layout, checkpoint, cfg=replace(CFG, memory=memory), overrides={**OVERRIDES, **extra}
+        )
         results[name] = {"loss": result["loss"], "grads": result["grads"]}
         from megatron.core import parallel_state
 
