@@ -252,6 +252,24 @@ def check_tied_embedding_setup_device():
     assert torch.equal(weight, peer), "both stages must hold the first stage's embedding"
 
 
+def check_recompute_norm_without_te():
+    """A norm recomputed as megatron-core's selective "layernorm" recomputation does it (output
+    freed after the next op, recomputed in the backward) gives the plain gradients."""
+    from megatron.core.tensor_parallel.random import CheckpointWithoutOutput
+
+    norm = torch.nn.RMSNorm(8)
+    weight = torch.randn(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    (norm(x) @ weight).square().sum().backward()
+    plain = x.grad.clone()
+    x.grad = None
+    recompute = CheckpointWithoutOutput()  # the call TransformerLayer makes
+    out = recompute.checkpoint(norm, x) @ weight
+    recompute.discard_output_and_register_recompute(out)
+    out.square().sum().backward()
+    torch.testing.assert_close(x.grad, plain, rtol=0, atol=1e-6)
+
+
 CHECKS = {name: globals()[f"check_{name}"] for name in ADAPTATION_NAMES}
 
 

@@ -24,18 +24,22 @@ frames, and the visual-token exchange sends exactly the tokens whose positions a
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 
 import pytest
 import torch
 from longvila_batches import CFG, micro_batches, reference_rows
+from longvila_layouts import OVERRIDES, run_layout
 
 from megatron_longvila.core.sequence_parallel.sharding import shard_token_indices
 from megatron_longvila.core.sequence_parallel.visual_exchange import frames_per_rank
 from megatron_longvila.data.batch import IGNORE_INDEX, PAD_SEGMENT
+from megatron_longvila.models.config import MemoryConfig
 
 TOLERANCE = 1e-5
-# Sharp attention (as in the MM-SP GPT test): a masking or position error shows in the loss.
-OVERRIDES = {"init_method_std": 0.2}
+# The reference keeps every tensor for the backward; the layouts run the model's default memory
+# options (chunked loss, recomputed activations and norms), so they are checked here as well.
+PLAIN_CFG = replace(CFG, memory=MemoryConfig(None, False, False, 0))
 LAYOUTS = {  # name: (tp, ulysses, ring, pp); four ranks each
     "sp2_ulysses_dp2": (1, 2, 1, 1),
     "sp2_ring_dp2": (1, 1, 2, 1),
@@ -87,7 +91,7 @@ def run_reference(checkpoint: str) -> dict:
     from megatron_longvila.models.longvila_step import build_longvila_model
 
     parallel_state.initialize_model_parallel()
-    (model,) = build_longvila_model(CFG, transformer_overrides=OVERRIDES)
+    (model,) = build_longvila_model(PLAIN_CFG, transformer_overrides=OVERRIDES)
     if torch.distributed.get_rank() == 0:
         os.makedirs(checkpoint, exist_ok=True)
     torch.distributed.barrier()
@@ -105,7 +109,8 @@ def run_reference(checkpoint: str) -> dict:
     ).view_as(labels)
     logits_error = (from_logits - losses)[labels >= 0].abs().max().item()
 
-    llm = LanguageModel(CFG.llm, transformer_overrides=OVERRIDES)  # megatron's own attention
+    # megatron's own attention
+    llm = LanguageModel(CFG.llm, transformer_overrides=OVERRIDES, memory=PLAIN_CFG.memory)
     llm.load_state_dict(model.llm.state_dict())
     sums = [_reference_loss_sum(model, llm, batch, CFG) for batch in micro_batches()]
     total, count = sum(s for s, _ in sums), sum(c for _, c in sums)
@@ -121,88 +126,6 @@ def run_reference(checkpoint: str) -> dict:
         if p.requires_grad
     }
     return {"loss": float(total / count), "grads": grads, "keys": keys, "logits": logits_error}
-
-
-# ---- the layouts under test -------------------------------------------------------------------
-
-
-def _full_gradient(param: torch.Tensor, grad: torch.Tensor, name: str) -> torch.Tensor:
-    """The unsharded gradient: tensor-parallel shards concatenated on their partition dim (for
-    SwiGLU's fused [gate; up] the gate parts first, then the up parts, as at TP = 1)."""
-    from megatron.core import parallel_state
-
-    group = parallel_state.get_tensor_model_parallel_group()
-    if not getattr(param, "tensor_model_parallel", False) or group.size() == 1:
-        return grad
-    parts = [torch.empty_like(grad) for _ in range(group.size())]
-    torch.distributed.all_gather(parts, grad.contiguous(), group=group)
-    if name.startswith("llm.") and name.endswith("mlp.linear_fc1.weight"):
-        halves = [p.chunk(2, dim=0) for p in parts]
-        parts = [h[0] for h in halves] + [h[1] for h in halves]
-    return torch.cat(parts, dim=param.partition_dim)
-
-
-def _global_name(name: str, layer_offset: int) -> str:
-    """``llm.decoder.layers.<local>.`` → ``llm.decoder.layers.<global>.`` on later stages."""
-    prefix = "llm.decoder.layers."
-    if not name.startswith(prefix):
-        return name
-    local, rest = name[len(prefix) :].split(".", 1)
-    return f"{prefix}{int(local) + layer_offset}.{rest}"
-
-
-def run_layout(tp: int, ulysses: int, ring: int, pp: int, checkpoint: str) -> dict:
-    """Loss, full gradients, frames encoded and exchange bytes of this rank in one layout."""
-    from megatron.core import dist_checkpointing, parallel_state
-    from megatron.core.distributed import DistributedDataParallelConfig
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    from megatron_longvila.core.parallel_state import MMSPTopology, initialize_mmsp
-    from megatron_longvila.core.sequence_parallel import comm_stats
-    from megatron_longvila.models.longvila_step import build_longvila_model, forward_step
-
-    groups = initialize_mmsp(MMSPTopology(tp=tp, ulysses=ulysses, ring=ring, pp=pp))
-    ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True, bucket_size=None)
-    (model,) = build_longvila_model(CFG, ddp_config=ddp, transformer_overrides=OVERRIDES)
-    core = model.module
-    core.load_state_dict(dist_checkpointing.load(core.sharded_state_dict(), checkpoint))
-
-    encoded: list[int] = []
-    if core.pre_process:
-        core.vision_tower.register_forward_pre_hook(lambda _, args: encoded.append(len(args[0])))
-    dp_rank = parallel_state.get_data_parallel_rank()
-    dp_size = parallel_state.get_data_parallel_world_size()
-    mine = micro_batches()[dp_rank::dp_size]
-    model.zero_grad_buffer()
-    with comm_stats.counting() as sent:
-        reduced = get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iter(mine),
-            model=[model],
-            num_microbatches=len(mine),
-            seq_length=0,  # variable: the stages exchange shapes
-            micro_batch_size=mine[0].batch_size,
-        )
-    loss = None
-    if parallel_state.is_pipeline_last_stage():
-        report = sum(item["lm loss"] for item in reduced)
-        torch.distributed.all_reduce(report, group=parallel_state.get_data_parallel_group())
-        loss = float(report[0] / report[1])
-    offset = core.llm.decoder.layers[0].layer_number - 1
-    grads = {
-        _global_name(name, offset): _full_gradient(p, p.main_grad, name).clone()
-        for name, p in core.named_parameters()
-        if p.requires_grad
-    }
-    return {
-        "loss": loss,
-        "grads": grads,
-        "sp_rank": groups.sp_rank,
-        "dp_rank": dp_rank,
-        "first_stage": core.pre_process,
-        "encoded": encoded,
-        "exchange_bytes": sent.bytes("sp", "all_to_all_v"),
-    }
 
 
 # ---- what the exchange must send, computed independently ---------------------------------------

@@ -18,6 +18,11 @@ meets itself, no mask) included. Writes ``measure_memory.json`` and ``measure_me
 
     python tools/measure_memory.py --world 4 --sp 1 2 4 --seq 8192 --out runs/measure_memory
     torchrun --nproc-per-node 4 tools/measure_memory.py --sp 1 2 4
+
+``--options`` measures instead what each memory option of the model saves (one rank; see
+:mod:`megatron_longvila.benchmarks.memory_options`) and writes ``memory_options.{json,md}``::
+
+    python tools/measure_memory.py --options --out docs/benchmarks
 """
 
 from __future__ import annotations
@@ -163,7 +168,15 @@ def _parse() -> tuple[Settings, int, Path]:
     p.add_argument("--packed", action="store_true", help="two packed samples in the row")
     p.add_argument("--world", type=int, default=4, help="ranks to start without torchrun")
     p.add_argument("--out", type=Path, default=Path("runs/measure_memory"))
+    p.add_argument(
+        "--options", action="store_true", help="what each memory option saves, per layer and loss"
+    )
     a = p.parse_args()
+    if a.options:
+        from megatron_longvila.benchmarks.memory_options import run
+
+        print(run(a.out))
+        raise SystemExit(0)
     settings = Settings(
         sp_degrees=tuple(a.sp),
         seq=a.seq,

@@ -34,11 +34,12 @@ backward 2.5× that (flash attention recomputes the scores). Zigzag causal pairs
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from megatron_longvila.benchmarks.workload import GPTShape, Strategy
 from megatron_longvila.core.sequence_parallel import traffic
 from megatron_longvila.core.topology import replicated_kv_heads
+from megatron_longvila.models.config import MemoryConfig
 
 SHARDINGS = ("none", "zero1", "zero3")
 BACKWARD_ATTENTION_FLOPS = 2.5  # flash attention backward / forward (five matmuls vs two)
@@ -220,24 +221,53 @@ def output_layer_flops(shape: GPTShape, strategy: Strategy, batch: int, seq: int
 
 @dataclass(frozen=True)
 class Kernels:
-    """What the non-attention kernels keep for the backward, per token of a layer.
+    """What the non-attention kernels keep for the backward, per token of a layer, with every
+    memory option off (:meth:`keeping` applies a :class:`MemoryConfig`).
 
-    ``norm_tensors``: ``h``-wide tensors each RMSNorm keeps (its input and output; PyTorch's
-    composite RMSNorm also the normalized input); ``mlp_tensors``: ``f``-wide tensors of the
-    SwiGLU MLP (FC1's output counts two; megatron-core's unfused GLU also keeps the SiLU output,
-    a copy of the linear half and their product); ``rope_tables``: ``d``-wide RoPE cos/sin rows
-    kept per token (megatron-core's unfused RoPE, q and k).
+    ``norm_tensors``: ``h``-wide tensors per norm: its input (the residual stream) and what it
+    keeps of its own (PyTorch's composite RMSNorm: the normalized input and the output, which the
+    next linear keeps too); ``norm_stats``: fp32 values per token per norm (the reciprocal RMS);
+    ``norms_recomputable``: whether megatron's selective "layernorm" recomputation applies (not
+    where Transformer Engine fuses the norm into the next linear); ``mlp_tensors``: ``f``-wide
+    tensors of the SwiGLU MLP (fc1's output counts two; megatron-core's unfused GLU also keeps
+    the SiLU output, the linear half plus its offset, and their product); ``rope_tables``:
+    ``d``-wide RoPE cos/sin rows kept per token (megatron-core's unfused RoPE, q and k).
     """
 
     norm_tensors: int
+    norm_stats: int
     mlp_tensors: int
     rope_tables: int
+    norms_recomputable: bool
+
+    def keeping(self, memory: MemoryConfig) -> Kernels:
+        """What is kept with ``memory``'s options: recomputed norms keep their input only,
+        a recomputed activation leaves fc1's output (``2f``)."""
+        norms = memory.norm_keeps_input and self.norms_recomputable
+        return replace(
+            self,
+            norm_tensors=1 if norms else self.norm_tensors,
+            norm_stats=0 if norms else self.norm_stats,
+            mlp_tensors=min(self.mlp_tensors, 2)
+            if memory.recompute_activation
+            else self.mlp_tensors,
+        )
 
 
-# megatron-core's local spec on CPU (torch RMSNorm, unfused GLU and RoPE): what the CPU runs.
-TORCH_KERNELS = Kernels(norm_tensors=3, mlp_tensors=5, rope_tables=4)
-# Transformer Engine layers with fused RMSNorm, SwiGLU and RoPE: what GPU runs use.
-FUSED_KERNELS = Kernels(norm_tensors=2, mlp_tensors=3, rope_tables=0)
+# megatron-core's local spec on CPU (torch RMSNorm, unfused GLU and RoPE): measured on CPU,
+# see benchmarks/layer_memory.py and tests/test_memory_model.py.
+TORCH_KERNELS = Kernels(
+    norm_tensors=3, norm_stats=1, mlp_tensors=5, rope_tables=4, norms_recomputable=True
+)
+# Transformer Engine layers with fused RMSNorm + linear, SwiGLU and RoPE (read from their
+# source; not measured here): LayerNormLinear keeps its input and its normalized output.
+FUSED_KERNELS = Kernels(
+    norm_tensors=2, norm_stats=1, mlp_tensors=3, rope_tables=0, norms_recomputable=False
+)
+MODEL_MEMORY_OPTIONS = MemoryConfig()  # what LongVILAConfig.memory defaults to
+NO_MEMORY_OPTIONS = MemoryConfig(
+    loss_chunk_tokens=None, recompute_activation=False, norm_keeps_input=False
+)
 
 
 def layer_activation_bytes(
@@ -248,28 +278,60 @@ def layer_activation_bytes(
     precision: Precision,
     training: Training = Training(),
     kernels: Kernels = FUSED_KERNELS,
+    memory: MemoryConfig = NO_MEMORY_OPTIONS,
 ) -> int:
-    """Bytes one layer keeps for its backward on one rank (no recomputation).
+    """Bytes one layer keeps for its backward on one rank (no layer recomputation).
 
     Per token, in the activation dtype: the two norms' tensors (``2·norm_tensors·h``, split over
-    tp only with TP sequence parallelism), the MLP's (``mlp_tensors·f / t``), RoPE's tables, and
-    the attention's, split over tp: with Ulysses (``U > 1``) the all-to-all's outputs q, k, v
-    (``(H + 2G')d``, ``G'`` kv heads after replication); without it the rotated q and k
-    (``(H + G)d``) and the fused QKV projection output that v is a view of (``(H + 2G)d``); in
-    both cases the attention output and the output projection's input (``2Hd``: an all-to-all or
-    a layout change between them makes two tensors); plus the fp32 log-sum-exp (``H``).
+    tp only with TP sequence parallelism) and their fp32 statistics, the MLP's
+    (``mlp_tensors·f / t``), RoPE's tables, and the attention's, split over tp: one copy of q, k
+    and v (``(H + 2G')d``, ``G'`` kv heads after Ulysses' replication: the rotated q and k and a
+    copy of v, or the outputs of Ulysses' all-to-all), the attention output (``Hd``) and, where
+    an all-to-all or a batch transpose stands between them, the output projection's input
+    (another ``Hd``); plus the fp32 log-sum-exp (``H``). ``kernels.keeping(memory)`` says what
+    the memory options remove.
     """
+    kernels = kernels.keeping(memory)
     t, e = strategy.tp, precision.activation
     n = tokens_per_rank(batch, seq, strategy)
     h, d, f = shape.hidden, shape.head_dim, shape.ffn_hidden
     heads, kv = shape.heads // t, shape.kv_heads // t
-    if strategy.ulysses > 1:
-        qkv = heads + 2 * replicated_kv_heads(kv, strategy.ulysses)
-    else:
-        qkv = (heads + kv) + (heads + 2 * kv)
-    norms = 2 * kernels.norm_tensors * h // (t if training.tp_sequence_parallel else 1)
-    width = norms + kernels.mlp_tensors * f // t + kernels.rope_tables * d + (qkv + 2 * heads) * d
-    return n * (width * e + 4 * heads)
+    qkv = heads + 2 * replicated_kv_heads(kv, strategy.ulysses)
+    outputs = 2 if strategy.ulysses > 1 or batch > 1 else 1
+    norm_split = t if training.tp_sequence_parallel else 1
+    norms = 2 * kernels.norm_tensors * h // norm_split
+    width = (
+        norms + kernels.mlp_tensors * f // t + kernels.rope_tables * d + (qkv + outputs * heads) * d
+    )
+    fp32 = 4 * (heads + 2 * kernels.norm_stats // norm_split)
+    return n * (width * e + fp32)
+
+
+def loss_peak_bytes(
+    tokens: int,
+    vocab_per_rank: int,
+    hidden: int,
+    precision: Precision,
+    chunk: int | None,
+    into_main_grad: bool = True,
+) -> int:
+    """Most bytes the output layer + cross entropy hold at once beyond their input and weights,
+    for ``tokens`` tokens on a rank holding ``vocab_per_rank`` rows of the output layer.
+
+    * megatron-core's cross entropy on all logits (``chunk`` None): the logits in the activation
+      dtype beside their fp32 copy (two fp32 tensors in fp32), ``n·V·(4 + e)``; or, if more, the
+      backward's fp32 logit gradient beside the input and weight gradients.
+    * In chunks (:mod:`megatron_longvila.models.loss`): one chunk's fp32 logits (beside the GEMM
+      output below fp32), the input gradient ``n·h·e`` and the weight gradient: megatron DDP's
+      ``main_grad`` takes the chunks' sums (``into_main_grad``) and the backward returns a
+      placeholder ``V·h·e``; without DDP an fp32 sum ``V·h·4``.
+    """
+    e = precision.activation
+    n, v, h = tokens, vocab_per_rank, hidden
+    if chunk is None:
+        return max(n * v * (4 + e), n * v * 4 + n * h * e + v * h * e)
+    logits = min(chunk, n) * v * (4 + (e if e < 4 else 0))
+    return logits + n * h * e + v * h * (e if into_main_grad else 4)
 
 
 def memory_per_rank(
@@ -281,6 +343,7 @@ def memory_per_rank(
     training: Training = Training(),
     optimizer_bytes_per_param: int = 12,
     kernels: Kernels = FUSED_KERNELS,
+    memory: MemoryConfig = MODEL_MEMORY_OPTIONS,
 ) -> dict[str, int]:
     """Peak bytes per rank of one training step, by part.
 
@@ -288,10 +351,11 @@ def memory_per_rank(
       ``precision.grad``, ``optimizer_bytes_per_param`` (fp32 master copy and two Adam moments;
       0 for a step without optimizer), sharded over the ``dp·sp`` ranks as ``training.sharding``
       says (``zero3`` also keeps two gathered layers);
-    * ``activations``: ``L`` layers' saved tensors (:func:`layer_activation_bytes`), or with full
-      recomputation ``L`` layer inputs plus one layer recomputed;
-    * ``logits``: the fp32 softmax the vocab-parallel cross entropy keeps, plus the logits in the
-      activation dtype while both exist (``n·V/t·(4 + e)``);
+    * ``activations``: ``L`` layers' saved tensors (:func:`layer_activation_bytes` with the
+      ``memory`` options, by default the model's), or with full recomputation ``L`` layer inputs
+      plus one layer recomputed;
+    * ``logits``: the loss path's peak (:func:`loss_peak_bytes`: all logits, or one chunk's with
+      ``memory.loss_chunk_tokens``);
     * ``transient``: working memory of the backward of one layer, taken as one more layer's saved
       tensors.
     """
@@ -304,14 +368,17 @@ def memory_per_rank(
     if training.sharding == "zero3":
         gathered = 2 * layer_linear_params(shape) // strategy.tp * precision.weight
         weights, grads = weights // n_shards + gathered, grads // n_shards
-    layer = layer_activation_bytes(shape, strategy, batch, seq, precision, training, kernels)
+    layer = layer_activation_bytes(
+        shape, strategy, batch, seq, precision, training, kernels, memory
+    )
     n = tokens_per_rank(batch, seq, strategy)
     if training.recompute:
         sp_split = strategy.tp if training.tp_sequence_parallel else 1
         activations = shape.layers * n * shape.hidden * precision.activation // sp_split + layer
     else:
         activations = shape.layers * layer
-    logits = n * shape.vocab // strategy.tp * (4 + precision.activation)
+    vocab = shape.vocab // strategy.tp
+    logits = loss_peak_bytes(n, vocab, shape.hidden, precision, memory.loss_chunk_tokens)
     parts = {
         "weights": weights,
         "gradients": grads,

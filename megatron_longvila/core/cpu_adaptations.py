@@ -227,6 +227,16 @@ def _pos_emb_on_this_cp_rank_cpu(
     return chunks.view(*before, -1, *after)
 
 
+def _checkpoint_without_output_init_without_te(original: Callable[..., None]):
+    """``CheckpointWithoutOutput(fp8=False)`` takes any value but None as "fp8 on" and then asks
+    Transformer Engine's FP8 state manager, which is absent: there is no fp8 without it."""
+
+    def __init__(self, fp8: Any = None) -> None:
+        original(self, fp8=None)
+
+    return __init__
+
+
 # --------------------------------------------------------------------------------------------
 # The adaptations
 # --------------------------------------------------------------------------------------------
@@ -390,6 +400,16 @@ ADAPTATIONS: tuple[Adaptation, ...] = (
         why="with context parallelism the zigzag chunk index is built in pinned memory and "
         "moved with .cuda()",
         replacement=lambda original: _pos_emb_on_this_cp_rank_cpu,
+    ),
+    Adaptation(
+        name="recompute_norm_without_te",
+        module="megatron.core.tensor_parallel.random",
+        owner="CheckpointWithoutOutput",
+        attribute="__init__",
+        adapts=("TransformerLayer._forward_attention", "TransformerLayer._forward_mlp"),
+        why="the selective 'layernorm' recomputation builds CheckpointWithoutOutput() whose "
+        "default fp8=False counts as fp8 on and reaches Transformer Engine's FP8GlobalStateManager",
+        replacement=_checkpoint_without_output_init_without_te,
     ),
     Adaptation(
         name="clip_grad_by_total_norm_fp32",

@@ -3,7 +3,8 @@
 On GPUs this is the CUDA caching allocator's own accounting (``memory_allocated`` /
 ``max_memory_allocated``) relative to the start of the block. The CPU allocator keeps no
 statistics, so on the CPU a dispatch-level tracker follows the storages of the tensors that ops
-create inside the block (outputs of collectives included) and counts those still alive.
+create inside the block (outputs of collectives included) and counts those still alive; the
+peak counts storages at the size they were created with (an upper bound where storages shrink).
 """
 
 from __future__ import annotations
@@ -26,15 +27,32 @@ class _CpuTensorBytes(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
             self.current -= self.live.pop(key)[1]
+        # Views and in-place results of tensors from before the block (parameters) are not new.
+        inputs = {
+            t.untyped_storage()._cdata
+            for t in tree_flatten((args, kwargs))[0]
+            if isinstance(t, torch.Tensor) and t.device.type == "cpu"
+        }
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                 storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self.live and storage.nbytes():
+                # Keyed by the storage itself, not its address: a storage resized to nothing
+                # frees its address for the next one while it stays alive.
+                key = storage._cdata
+                if key not in self.live and key not in inputs and storage.nbytes():
                     self.live[key] = (StorageWeakRef(storage), storage.nbytes())
                     self.current += storage.nbytes()
         self.peak = max(self.peak, self.current)
         return out
+
+    def resident(self) -> int:
+        """Bytes the live storages hold now. Differs from ``current`` where a storage was
+        resized after its creation (megatron-core frees recomputable outputs that way)."""
+        total = 0
+        for ref, _ in self.live.values():
+            if not ref.expired():
+                total += torch.UntypedStorage._new_with_weak_ptr(ref.cdata).nbytes()
+        return total
 
 
 class TensorMemoryMeter:
@@ -66,7 +84,7 @@ class TensorMemoryMeter:
     def current(self) -> int:
         if self.cuda:
             return torch.cuda.memory_allocated() - self._base
-        return self._cpu.current
+        return self._cpu.resident()
 
     @property
     def peak(self) -> int:

@@ -389,6 +389,44 @@ LLM_PRESETS: dict[str, LLMConfig] = {
 
 
 # --------------------------------------------------------------------------------------------
+# Memory options
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MemoryConfig:
+    """What the layers keep for the backward. Every option is exact (same losses and gradients);
+    each trades stored tensors for elementwise recomputation, never for recomputing a layer
+    (``parallel.recompute`` in the training config does that).
+
+    ``loss_chunk_tokens``: the output layer and cross entropy run this many tokens at a time, so
+    the loss holds one chunk's logits, not ``[s, V/tp]`` in fp32 (None: whole logits through
+    megatron-core's ``vocab_parallel_cross_entropy``).
+    ``recompute_activation``: the MLP keeps fc1's output only; the activation (SwiGLU, GELU) and
+    the input of fc2 are recomputed from it in the backward.
+    ``norm_keeps_input``: each norm keeps its input only; its output, which the next linear would
+    keep again, is recomputed (megatron-core's selective "layernorm" recomputation).
+    ``offload_layers``: the saved tensors of the first N LLM layers wait in host memory between
+    forward and backward (CUDA only; nothing moves on CPU).
+    """
+
+    loss_chunk_tokens: int | None = 1024
+    recompute_activation: bool = True
+    norm_keeps_input: bool = True
+    offload_layers: int = 0
+
+    def __post_init__(self) -> None:
+        if self.loss_chunk_tokens is not None:
+            _positive(self, "loss_chunk_tokens")
+        _check(
+            isinstance(self.offload_layers, int) and self.offload_layers >= 0,
+            self,
+            "offload_layers",
+            "must be an integer >= 0",
+        )
+
+
+# --------------------------------------------------------------------------------------------
 # The whole model
 # --------------------------------------------------------------------------------------------
 
@@ -399,7 +437,8 @@ class LongVILAConfig:
 
     Each frame becomes ``tokens_per_frame`` LLM tokens: ``ceil(grid/2)²`` after the projector's
     2×2 merge (196 for SigLIP so400m at 384 px). ``max_seq_length`` bounds a row of the batch
-    after its placeholders are expanded (None: ``llm.max_position_embeddings``).
+    after its placeholders are expanded (None: ``llm.max_position_embeddings``). ``memory``
+    says what the layers keep for the backward (:class:`MemoryConfig`).
     """
 
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -408,9 +447,14 @@ class LongVILAConfig:
     image_token_id: int = 151646
     video_token_id: int = 151647
     max_seq_length: int | None = None
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def __post_init__(self) -> None:
-        for name, cls in (("vision", VisionConfig), ("projector", ProjectorConfig)):
+        for name, cls in (
+            ("vision", VisionConfig),
+            ("projector", ProjectorConfig),
+            ("memory", MemoryConfig),
+        ):
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, _from_dict(cls, getattr(self, name)))
         if isinstance(self.llm, dict):

@@ -2,8 +2,9 @@
 
 Embedding (vocab-parallel) → megatron TransformerBlock (RMSNorm, GQA self-attention with RoPE,
 SwiGLU MLP) → output layer (vocab-parallel, optionally tied to the embedding) → logits or
-per-token losses (vocab-parallel cross entropy). Parameter names follow megatron-core's
-``GPTModel`` (``embedding.word_embeddings``, ``decoder.layers.N...``, ``output_layer``).
+per-token losses (vocab-parallel cross entropy, over chunks of tokens: :mod:`.loss`). Parameter
+names follow megatron-core's ``GPTModel`` (``embedding.word_embeddings``,
+``decoder.layers.N...``, ``output_layer``).
 
 Pipeline parallel like ``GPTModel``: ``pre_process`` stages own the embedding, ``post_process``
 stages the final norm and output layer, the decoder layers are split over the stages; the
@@ -27,6 +28,10 @@ from megatron.core.models.common.embeddings.language_model_embedding import (
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import ModelType
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -34,11 +39,14 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_longvila.core.parallel_state import group_rank, group_size
-from megatron_longvila.models.config import LLMConfig
+from megatron_longvila.models.config import LLMConfig, MemoryConfig
+from megatron_longvila.models.loss import chunked_vocab_parallel_cross_entropy
+from megatron_longvila.models.offload import offload_saved_tensors
 from megatron_longvila.models.rotary import rope_inverse_frequencies, rotary_angles
 from megatron_longvila.models.transformer import (
     build_transformer_config,
     default_process_groups,
+    recompute_mlp_activations,
     transformer_layer_spec,
 )
 
@@ -48,6 +56,7 @@ def llm_transformer_config(
     pg_collection: ProcessGroupCollection,
     params_dtype: torch.dtype,
     overrides: dict[str, Any] | None = None,
+    memory: MemoryConfig | None = None,
 ) -> TransformerConfig:
     return build_transformer_config(
         pg_collection,
@@ -68,6 +77,7 @@ def llm_transformer_config(
             activation_func=F.silu,
         ),
         overrides=overrides,
+        memory=memory,
     )
 
 
@@ -106,6 +116,7 @@ class LanguageModel(LanguageModule):
         pg_collection: ProcessGroupCollection | None = None,
         transformer_overrides: dict[str, Any] | None = None,
         vp_stage: int | None = None,
+        memory: MemoryConfig | None = None,
     ) -> None:
         pg_collection = pg_collection or default_process_groups()
         tp_size = group_size(pg_collection.tp)
@@ -115,9 +126,13 @@ class LanguageModel(LanguageModule):
                 f"up to vocab_pad_multiple {cfg.vocab_pad_multiple}) does not split over "
                 f"tensor-parallel size {tp_size}"
             )
-        config = llm_transformer_config(cfg, pg_collection, params_dtype, transformer_overrides)
+        memory = memory or MemoryConfig()
+        config = llm_transformer_config(
+            cfg, pg_collection, params_dtype, transformer_overrides, memory
+        )
         super().__init__(config=config, pg_collection=pg_collection)
         self.cfg = cfg
+        self.memory = memory
         self.pre_process = pre_process
         self.post_process = post_process
         self.vp_stage = vp_stage
@@ -145,6 +160,12 @@ class LanguageModel(LanguageModule):
             pg_collection=pg_collection,
             vp_stage=vp_stage,
         )
+        if memory.recompute_activation:
+            recompute_mlp_activations(self.decoder)
+        offloaded = [
+            layer for layer in self.decoder.layers if layer.layer_number <= memory.offload_layers
+        ]
+        offload_saved_tensors(offloaded)
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 config.hidden_size,
@@ -157,8 +178,8 @@ class LanguageModel(LanguageModule):
                 tp_group=pg_collection.tp,
             )
             vocab_per_rank = cfg.padded_vocab_size // tp_size
-            first = vocab_per_rank * group_rank(pg_collection.tp)
-            token_ids = torch.arange(first, first + vocab_per_rank)
+            self.vocab_start = vocab_per_rank * group_rank(pg_collection.tp)
+            token_ids = torch.arange(self.vocab_start, self.vocab_start + vocab_per_rank)
             self.register_buffer("vocab_padding", token_ids >= cfg.vocab_size, persistent=False)
         if pre_process or post_process:
             self.setup_embeddings_and_output_layer()
@@ -207,8 +228,7 @@ class LanguageModel(LanguageModule):
             return hidden
         if labels is None:
             return self.logits(hidden)
-        losses = self.compute_language_model_loss(labels, self._vocab_parallel_logits(hidden))
-        return losses.masked_fill(labels < 0, 0.0)
+        return self.token_losses(hidden, labels)
 
     def hidden_states(
         self,
@@ -239,6 +259,36 @@ class LanguageModel(LanguageModule):
             self._vocab_parallel_logits(hidden), group=self.tp_group
         )
         return logits[..., : self.cfg.vocab_size].transpose(0, 1).contiguous()
+
+    def token_losses(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Last stage: per-token cross entropy [b, s] fp32 of hidden [s, b, hidden] against
+        labels [b, s] (0 where the label is negative), in chunks of
+        ``memory.loss_chunk_tokens`` tokens (see :mod:`megatron_longvila.models.loss`)."""
+        chunk = self.memory.loss_chunk_tokens
+        if chunk is None:
+            losses = self.compute_language_model_loss(labels, self._vocab_parallel_logits(hidden))
+            return losses.masked_fill(labels < 0, 0.0)
+        # The input of the output layer, as its tensor-parallel region would see it.
+        if self.config.sequence_parallel:
+            hidden = gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=True, group=self.tp_group
+            )
+        else:
+            hidden = copy_to_tensor_model_parallel_region(hidden, group=self.tp_group)
+        s, b, width = hidden.shape
+        tied = self.cfg.tie_word_embeddings
+        weight = self.shared_embedding_or_output_weight() if tied else self.output_layer.weight
+        losses = chunked_vocab_parallel_cross_entropy(
+            hidden.reshape(s * b, width),
+            weight,
+            labels.t().reshape(s * b),
+            vocab_start=self.vocab_start,
+            vocab_size=self.cfg.vocab_size,
+            chunk_tokens=chunk,
+            tp_group=self.tp_group if group_size(self.tp_group) > 1 else None,
+            accumulate_into_main_grad=not tied,
+        )
+        return losses.view(s, b).t().contiguous()
 
     def _vocab_parallel_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[s, b, padded_vocab / tp]: this rank's vocabulary slice, padding rows at -inf."""

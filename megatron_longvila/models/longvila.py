@@ -82,6 +82,7 @@ class LongVILAModel(MegatronModule):
         llm = LanguageModel(
             cfg.llm,
             core_attention=MMSPAttention,
+            memory=cfg.memory,
             pre_process=pre_process,
             post_process=post_process,
             params_dtype=params_dtype,
@@ -112,6 +113,7 @@ class LongVILAModel(MegatronModule):
                 params_dtype=params_dtype,
                 pg_collection=pg_collection,
                 transformer_overrides=overrides,
+                memory=cfg.memory,
             )
             self.mm_projector = MLPDownsampleProjector(
                 cfg.projector,

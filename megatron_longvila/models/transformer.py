@@ -8,12 +8,16 @@ ModuleSpec as ``core_attention``; nothing else in the layer changes.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.random import CheckpointWithoutOutput
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
@@ -26,6 +30,55 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from megatron_longvila.core import platform
 from megatron_longvila.core.parallel_state import group_size
+from megatron_longvila.models.config import MemoryConfig
+
+
+class ActivationRecomputingMLP(MLP):
+    """megatron-core's MLP keeping only fc1's output for the backward.
+
+    The activation (SwiGLU: SiLU of the gate half times the linear half; or GELU) runs without
+    autograd; its result, fc2's input, is freed once fc2 has run and recomputed from fc1's
+    output when the backward reaches fc2 (megatron-core's ``CheckpointWithoutOutput``). Saved
+    per token: fc1's output (``2f`` gated, ``f`` otherwise) instead of that plus the activation's
+    intermediates and fc2's input. Exact: the recomputation repeats the same elementwise ops.
+    """
+
+    def forward(self, hidden_states, per_token_scale=None, **kwargs):
+        plain = (
+            per_token_scale is None
+            and not self.config.use_te_activation_func
+            and self.config.activation_func_clamp_value is None
+            and self.config.glu_linear_offset == 0.0
+        )
+        if not (plain and torch.is_grad_enabled()):
+            return super().forward(hidden_states, per_token_scale, **kwargs)
+        fc1_output, fc1_bias = self.linear_fc1(hidden_states)
+        recompute = CheckpointWithoutOutput(fp8=None)  # None: no fp8 state to replay
+        activated = recompute.checkpoint(self._activation, fc1_output, fc1_bias)
+        output, output_bias = self.linear_fc2(activated)
+        recompute.discard_output_and_register_recompute(output)
+        return output, output_bias
+
+    def _activation(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        config = self.config
+        swiglu = config.gated_linear_unit and config.activation_func is F.silu
+        if swiglu and config.bias_activation_fusion:
+            return bias_swiglu_impl(x, bias)
+        if bias is not None:
+            x = x + bias
+        if config.gated_linear_unit:
+            gate, linear = torch.chunk(x, 2, dim=-1)
+            return config.activation_func(gate) * linear
+        return config.activation_func(x)
+
+
+def recompute_mlp_activations(block: torch.nn.Module) -> None:
+    """Turn every megatron ``MLP`` of ``block`` into an :class:`ActivationRecomputingMLP` (same
+    parameters and state-dict keys; only the forward differs). Applied to built modules because
+    megatron's ``TransformerLayer`` hands its process groups only to an ``MLP`` spec it knows."""
+    for module in block.modules():
+        if type(module) is MLP:
+            module.__class__ = ActivationRecomputingMLP
 
 
 def transformer_layer_spec(
@@ -75,12 +128,25 @@ def default_process_groups() -> ProcessGroupCollection:
     return ProcessGroupCollection.use_mpu_process_groups()
 
 
+def norm_recompute_options(memory: MemoryConfig, overrides: dict[str, Any]) -> dict[str, Any]:
+    """TransformerConfig fields for ``memory.norm_keeps_input``: megatron-core's selective
+    "layernorm" recomputation. Layer recomputation asked for in ``overrides`` covers the norms
+    already; and without Transformer Engine, megatron-core's ``CheckpointWithoutOutput`` works
+    only where the CPU adaptations have fixed its fp8 default (CPU runs)."""
+    if not memory.norm_keeps_input or overrides.get("recompute_granularity"):
+        return {}
+    if platform.cuda_available() and importlib.util.find_spec("transformer_engine") is None:
+        return {}
+    return {"recompute_granularity": "selective", "recompute_modules": ["layernorm"]}
+
+
 def build_transformer_config(
     pg_collection: ProcessGroupCollection,
     params_dtype: torch.dtype,
     pipeline_parallel: bool,
     architecture: dict[str, Any],
     overrides: dict[str, Any] | None = None,
+    memory: MemoryConfig | None = None,
 ) -> TransformerConfig:
     """A TransformerConfig for ``architecture`` in the layout of ``pg_collection``.
 
@@ -89,7 +155,8 @@ def build_transformer_config(
     (SigLIP, Qwen2 and Llama train without); fusions that need CUDA kernels are off; weights are
     created on the CPU from the global generator, so every layout starts from the same full
     tensors. ``overrides`` sets run options on top (activation recompute, context-parallel
-    size, ...), by TransformerConfig field name.
+    size, ...), by TransformerConfig field name; ``memory`` adds the norms' recomputation
+    (:func:`norm_recompute_options`).
     """
     if params_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"params_dtype must be float32, bfloat16 or float16, got {params_dtype}")
@@ -103,4 +170,6 @@ def build_transformer_config(
         **platform.portable_transformer_options(),
         **architecture,
     }
-    return TransformerConfig(**{**fields, **(overrides or {})})
+    overrides = overrides or {}
+    memory_fields = norm_recompute_options(memory or MemoryConfig(), overrides)
+    return TransformerConfig(**{**fields, **memory_fields, **overrides})

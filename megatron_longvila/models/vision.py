@@ -23,10 +23,11 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_longvila.models.config import VisionConfig
+from megatron_longvila.models.config import MemoryConfig, VisionConfig
 from megatron_longvila.models.transformer import (
     build_transformer_config,
     default_process_groups,
+    recompute_mlp_activations,
     transformer_layer_spec,
 )
 
@@ -41,6 +42,7 @@ def vision_transformer_config(
     pg_collection: ProcessGroupCollection,
     params_dtype: torch.dtype,
     overrides: dict[str, Any] | None = None,
+    memory: MemoryConfig | None = None,
 ) -> TransformerConfig:
     return build_transformer_config(
         pg_collection,
@@ -59,6 +61,7 @@ def vision_transformer_config(
             activation_func=gelu_tanh,
         ),
         overrides=overrides,
+        memory=memory,
     )
 
 
@@ -92,7 +95,8 @@ class VisionTower(MegatronModule):
     that their checkpoint key differs from the trained layers': megatron stacks a block's layers
     under one key, and optimizer state exists only for the trained ones.
     ``transformer_overrides`` sets megatron run options; with ``recompute_granularity="full"``
-    every layer is recomputed in the backward pass.
+    every layer is recomputed in the backward pass. ``memory`` says what the layers keep for
+    the backward (:class:`~megatron_longvila.models.config.MemoryConfig`).
     """
 
     def __init__(
@@ -102,9 +106,13 @@ class VisionTower(MegatronModule):
         params_dtype: torch.dtype = torch.float32,
         pg_collection: ProcessGroupCollection | None = None,
         transformer_overrides: dict[str, Any] | None = None,
+        memory: MemoryConfig | None = None,
     ) -> None:
         pg_collection = pg_collection or default_process_groups()
-        config = vision_transformer_config(cfg, pg_collection, params_dtype, transformer_overrides)
+        memory = memory or MemoryConfig()
+        config = vision_transformer_config(
+            cfg, pg_collection, params_dtype, transformer_overrides, memory
+        )
         super().__init__(config=config)
         self.cfg = cfg
         self.tp_group = pg_collection.tp  # read by MegatronModule.sharded_state_dict
@@ -140,6 +148,8 @@ class VisionTower(MegatronModule):
             if tail
             else None
         )
+        if memory.recompute_activation:
+            recompute_mlp_activations(self.encoder)
         self.head = PoolingHeadWeights(cfg, params_dtype) if cfg.pooling_head else None
         for module in self.unused_modules():
             module.requires_grad_(False)

@@ -228,6 +228,11 @@ class MMSPAttention(MegatronModule):
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         if mask_type not in _CAUSAL_BY_MASK_TYPE:
             raise ValueError(f"MMSPAttention does not support attn_mask_type {mask_type}")
+        if self.groups.ulysses_size == 1 and _views_larger_storage(value):
+            # v is a view of the fused QKV projection's output: saved as it is, it would keep
+            # that whole buffer (q and k before RoPE too) for the backward. Ulysses' exchange
+            # makes its own copy; without it, copy v alone.
+            value = value.clone(memory_format=torch.contiguous_format)
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))  # [b, s/sp, h, d]
         out = params.attention(
             q,
@@ -240,6 +245,10 @@ class MMSPAttention(MegatronModule):
         )
         s, b = query.shape[0], query.shape[1]
         return out.transpose(0, 1).reshape(s, b, -1)
+
+
+def _views_larger_storage(t: torch.Tensor) -> bool:
+    return t.untyped_storage().nbytes() > t.numel() * t.element_size()
 
 
 def get_mmsp_gpt_layer_spec(**local_spec_kwargs: Any) -> ModuleSpec:
