@@ -17,10 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from megatron_longvila.benchmarks import cost_model
-from megatron_longvila.benchmarks.fit_length import longest_sequence, shape_of
 from megatron_longvila.benchmarks.report import save_json_and_markdown
-from megatron_longvila.benchmarks.workload import GPTShape, Strategy
-from megatron_longvila.models.config import LLMConfig
+from megatron_longvila.benchmarks.workload import LLAMA3_8B, QWEN2_7B, GPTShape, Strategy
 
 PLAIN = cost_model.NO_MEMORY_OPTIONS
 SETTINGS = {
@@ -94,36 +92,37 @@ def measure(progress=None) -> dict[str, Any]:
 
 def at_scale() -> dict[str, Any]:
     """What the checked formulas predict at full size (bf16, Transformer Engine kernels)."""
+    from megatron_longvila.benchmarks import planner
+    from megatron_longvila.benchmarks.scaling_study import H100_NODES
+
     bf16 = cost_model.Precision()
-    llama = shape_of(LLMConfig.preset("llama3-8b"))
     tokens, chunk = 16384, cost_model.MODEL_MEMORY_OPTIONS.loss_chunk_tokens
-    whole = cost_model.loss_peak_bytes(tokens, llama.vocab, llama.hidden, bf16, None)
-    chunked = cost_model.loss_peak_bytes(tokens, llama.vocab, llama.hidden, bf16, chunk)
-    weight_grad = llama.vocab * llama.hidden * bf16.activation  # both paths make one
+    whole = cost_model.loss_peak_bytes(tokens, LLAMA3_8B.vocab, LLAMA3_8B.hidden, bf16, None)
+    chunked = cost_model.loss_peak_bytes(tokens, LLAMA3_8B.vocab, LLAMA3_8B.hidden, bf16, chunk)
+    weight_grad = LLAMA3_8B.vocab * LLAMA3_8B.hidden * bf16.activation  # both paths make one
     fits = []
-    for preset in ("llama3-8b", "qwen2-7b"):
-        shape = shape_of(LLMConfig.preset(preset))
+    for preset, shape in (("llama3-8b", LLAMA3_8B), ("qwen2-7b", QWEN2_7B)):
         for gpus in (128, 256):
             for name in ("none", "defaults"):
-                for shardings in (("zero1",), ("zero3",)):
-                    fit = longest_sequence(shape, gpus, memory=SETTINGS[name], shardings=shardings)
+                for sharding in ("zero1", "zero3"):
+                    search = planner.Search(
+                        shardings=(sharding,), recompute=(False,), memory=SETTINGS[name]
+                    )
+                    seq, plan = planner.longest_sequence(shape, H100_NODES, gpus, search)
                     fits.append(
                         {
                             "preset": preset,
                             "gpus": gpus,
                             "options": name,
-                            "sharding": shardings[0],
-                            "seq": fit.seq if fit else 0,
-                            "layout": _layout(fit.strategy) if fit else None,
-                            "memory_gib": {k: v / 2**30 for k, v in fit.memory_bytes.items()}
-                            if fit
-                            else None,
+                            "sharding": sharding,
+                            "seq": seq,
+                            "plan": plan.as_dict() if plan else None,
                         }
                     )
     return {
         "loss_8b_16k": {
             "tokens": tokens,
-            "vocab": llama.vocab,
+            "vocab": LLAMA3_8B.vocab,
             "chunk": chunk,
             "whole_bytes": whole,
             "chunked_bytes": chunked,
@@ -133,9 +132,10 @@ def at_scale() -> dict[str, Any]:
         },
         "fit": fits,
         "assumptions": [
-            "H100 80 GB with 75 GiB usable (CUDA context, NCCL buffers, fragmentation)",
-            "one sequence per step over all GPUs: tp × ulysses in a node, ring across nodes, "
-            "dp = pp = 1; bf16 weights and activations, fp32 gradients and Adam (12 B/param)",
+            f"the planner's cluster: {H100_NODES.name}, {H100_NODES.memory_usable:.0%} of "
+            "memory usable",
+            "one sequence per step (dp = 1); the fastest layout of any family at the longest "
+            "length; bf16 weights and activations, fp32 gradients and Adam (12 B/param)",
             "LLM only (the vision tower's activations are not counted), no layer recomputation",
             "Transformer Engine kernels (fused norm+linear, SwiGLU, RoPE): read from TE's "
             "source, not measured here; the CPU kernels' formulas are the measured ones",
@@ -143,8 +143,14 @@ def at_scale() -> dict[str, Any]:
     }
 
 
-def _layout(strategy: Strategy) -> str:
-    return f"tp {strategy.tp} × ulysses {strategy.ulysses} × ring {strategy.ring}"
+def _layout(plan: dict | None) -> str:
+    if plan is None:
+        return "—"
+    layout = plan["layout"]
+    return (
+        f"{plan['family']} tp {layout['tp']} × ulysses {layout['ulysses']} × ring "
+        f"{layout['ring']} × pp {layout['pp']}"
+    )
 
 
 def _mb(value: float) -> str:
@@ -196,14 +202,13 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         "Longest sequence of one step without layer recomputation (checked formulas):",
         "",
-        "| preset | GPUs | memory options | sharding | longest sequence | layout | GiB / GPU |",
-        "|---|---:|---|---|---:|---|---:|",
+        "| preset | GPUs | memory options | sharding | longest sequence | layout |",
+        "|---|---:|---|---|---:|---|",
     ]
     for row in scale["fit"]:
-        gib = row["memory_gib"]["total"] if row["memory_gib"] else 0.0
         lines.append(
             f"| {row['preset']} | {row['gpus']} | {row['options']} | {row['sharding']} | "
-            f"{row['seq'] / 2**20:.2f}M | {row['layout'] or '—'} | {gib:.1f} |"
+            f"{row['seq'] / 2**20:.2f}M | {_layout(row['plan'])} |"
         )
     lines += ["", "Assumptions: " + "; ".join(scale["assumptions"]) + "."]
     return "\n".join(lines) + "\n"

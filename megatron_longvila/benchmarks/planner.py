@@ -29,10 +29,11 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from megatron_longvila.benchmarks import simulator
+from megatron_longvila.benchmarks import cost_model, simulator
 from megatron_longvila.benchmarks.cost_model import Precision, Training
 from megatron_longvila.benchmarks.simulator import Cluster
 from megatron_longvila.benchmarks.workload import GPTShape, Strategy
+from megatron_longvila.models.config import MemoryConfig
 
 FAMILIES = ("MM-SP", "CP+TP", "hier-CP", "ring-only", "Ulysses-only")
 GiB = 2**30
@@ -72,7 +73,8 @@ class Workload:
 @dataclass(frozen=True)
 class Search:
     """What may vary: tensor-parallel and pipeline sizes, optimizer shardings, recomputation;
-    ``tp_sequence_parallel``: whether tp > 1 runs with Megatron's TP sequence parallelism."""
+    ``tp_sequence_parallel``: whether tp > 1 runs with Megatron's TP sequence parallelism;
+    ``memory``: the model's memory options (what each layer keeps for the backward)."""
 
     families: tuple[str, ...] = FAMILIES
     tp_choices: tuple[int, ...] = (1, 2, 4, 8)
@@ -80,6 +82,7 @@ class Search:
     shardings: tuple[str, ...] = ("zero1", "zero3")
     recompute: tuple[bool, ...] = (False, True)
     tp_sequence_parallel: bool = True
+    memory: MemoryConfig = cost_model.MODEL_MEMORY_OPTIONS
 
 
 @dataclass(frozen=True)
@@ -197,7 +200,7 @@ def _fitting_plans(
         for training in _trainings(strategy, search):
             if training.recompute and training.sharding in fits_without_recompute:
                 continue
-            memory = _memory(workload, strategy, training)
+            memory = _memory(workload, strategy, training, search)
             if memory["total"] > usable:
                 continue
             if not training.recompute:
@@ -216,9 +219,17 @@ def _fitting_plans(
             yield Plan(family, strategy, training, micro_batches, tokens, parts, memory)
 
 
-def _memory(workload: Workload, strategy: Strategy, training: Training) -> dict[str, int]:
+def _memory(
+    workload: Workload, strategy: Strategy, training: Training, search: Search
+) -> dict[str, int]:
     return simulator.step_memory(
-        workload.shape, strategy, workload.batch, workload.seq, workload.precision, training
+        workload.shape,
+        strategy,
+        workload.batch,
+        workload.seq,
+        workload.precision,
+        training,
+        memory_options=search.memory,
     )
 
 
@@ -267,7 +278,7 @@ def refusal(workload: Workload, cluster: Cluster, gpus: int, search: Search) -> 
             if workload.seq % (2 * strategy.sp):
                 continue
             for training in _trainings(strategy, search):
-                total = _memory(workload, strategy, training)["total"]
+                total = _memory(workload, strategy, training, search)["total"]
                 if leanest is None or total < leanest[0]:
                     leanest = (total, strategy, training)
     if leanest is None:

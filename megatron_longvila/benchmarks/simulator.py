@@ -37,6 +37,7 @@ from megatron_longvila.benchmarks import cost_model
 from megatron_longvila.benchmarks.cost_model import Precision, Training
 from megatron_longvila.benchmarks.workload import GPTShape, Strategy
 from megatron_longvila.core.topology import replicated_kv_heads
+from megatron_longvila.models.config import MemoryConfig
 
 COLLECTIVE_PASSES = {"all_reduce": 2, "reduce_scatter": 1, "all_gather": 1}
 
@@ -258,12 +259,19 @@ def step_memory(
     seq: int,
     precision: Precision,
     training: Training,
+    memory_options: MemoryConfig = cost_model.MODEL_MEMORY_OPTIONS,
 ) -> dict[str, int]:
     """Peak bytes per GPU by part (:func:`cost_model.memory_per_rank` of the largest pipeline
-    stage); with ``pp`` stages under 1F1B the first stage keeps ``pp`` micro-batches'
-    activations."""
+    stage, with the model's ``memory_options``); with ``pp`` stages under 1F1B the first stage
+    keeps ``pp`` micro-batches' activations."""
     memory = cost_model.memory_per_rank(
-        stage_shape(shape, strategy.pp), strategy, batch, seq, precision, training
+        stage_shape(shape, strategy.pp),
+        strategy,
+        batch,
+        seq,
+        precision,
+        training,
+        memory=memory_options,
     )
     if strategy.pp > 1:
         extra = (strategy.pp - 1) * memory["activations"]

@@ -393,7 +393,7 @@ LLM_PRESETS: dict[str, LLMConfig] = {
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(frozen=True)
 class MemoryConfig:
     """What the layers keep for the backward. Every option is exact (same losses and gradients);
     each trades stored tensors for elementwise recomputation, never for recomputing a layer
