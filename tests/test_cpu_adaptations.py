@@ -115,6 +115,29 @@ def check_tensor_parallel_mappings_device():
     assert torch.equal(out, torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
 
 
+def check_tensor_parallel_layers_device():
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_longvila.core import platform
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=4,
+        num_attention_heads=2,
+        tensor_model_parallel_size=2,
+        sequence_parallel=True,
+        **platform.portable_transformer_options(),
+    )
+    linear = ColumnParallelLinear(4, 4, config=config, init_method=torch.nn.init.ones_, bias=False)
+    x = torch.ones(2, 1, 4, requires_grad=True)  # this rank's half of a 4-token sequence
+    out, _ = linear(x)  # the sequence is gathered: [4, 1, 2]
+    out.sum().backward()  # the input gradient is reduce-scattered back
+    assert out.shape == (4, 1, 2) and torch.equal(x.grad, torch.full((2, 1, 4), 4.0))
+
+
 def check_pipeline_schedules_device():
     from megatron.core import parallel_state
 

@@ -282,6 +282,13 @@ _CPU_VIEW_SPOTS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
         "gather outputs are allocated on torch.cuda.current_device()",
     ),
     (
+        "tensor_parallel_layers_device",
+        "megatron.core.tensor_parallel.layers",
+        ("LinearWithGradAccumulationAndAsyncCommunication.backward",),
+        "with TP sequence parallelism the reduce-scattered input gradient of a column-parallel "
+        "linear is allocated on torch.cuda.current_device()",
+    ),
+    (
         "pipeline_schedules_device",
         "megatron.core.pipeline_parallel.schedules",
         (
