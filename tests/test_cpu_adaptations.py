@@ -195,6 +195,29 @@ def _optimizer_step(clip_grad: float):
     return grad_norm, step
 
 
+def check_float16_optimizer_param_types():
+    from megatron.core import parallel_state
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    parallel_state.initialize_model_parallel()
+    half = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    full = torch.nn.Parameter(torch.ones(2))
+    for p in (half, full):
+        p.main_grad = torch.ones(p.shape)  # megatron's DDP keeps gradients there, fp32
+    config = OptimizerConfig(
+        optimizer="sgd", lr=0.5, bf16=True, params_dtype=torch.bfloat16, clip_grad=0.0
+    )
+    optimizer = Float16OptimizerWithFloat16Params(
+        torch.optim.SGD([half, full], lr=0.5), config, None, lambda *_: None
+    )
+    assert optimizer.float16_groups == [[half]] and optimizer.fp32_from_fp32_groups == [[full]]
+    assert optimizer.fp32_from_float16_groups[0][0].dtype == torch.float32  # the main copy
+    success, _, _ = optimizer.step()
+    assert success and torch.equal(half, torch.full((3,), 0.5, dtype=torch.bfloat16))
+    assert torch.equal(full.detach(), torch.full((2,), 0.5))
+
+
 def check_optimizer_device():
     _, step = _optimizer_step(clip_grad=0.0)
     assert torch.allclose(step, torch.ones_like(step))  # sgd, lr 1, grad 1
