@@ -109,7 +109,7 @@ def test_forced_layer_spec_is_checked(monkeypatch):
     monkeypatch.setattr(platform, "cuda_available", lambda: False)
     monkeypatch.setattr(platform, "transformer_engine_available", lambda: False)
     monkeypatch.setenv(platform.LAYER_SPEC_ENV, "te")
-    with pytest.raises(RuntimeError, match="MLV_LAYER_SPEC=te needs Transformer Engine.*CUDA"):
+    with pytest.raises(RuntimeError, match=r"MLV_LAYER_SPEC=te needs Transformer Engine.*CUDA"):
         platform.layer_spec_backend()
     monkeypatch.setattr(platform, "cuda_available", lambda: True)
     with pytest.raises(RuntimeError, match="an importable transformer_engine"):
@@ -143,7 +143,7 @@ def test_weight_init_by_device(monkeypatch):
     }
 
 
-# ---- the norm and the padding under TP sequence parallelism ---------------------------------------
+# ---- the norm and the padding under TP sequence parallelism -----------------------------------
 
 
 def _config(sequence_parallel: bool, normalization: str):

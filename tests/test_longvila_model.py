@@ -14,8 +14,8 @@ the reference layout by ``dist_checkpointing``, for SP = 2 (Ulysses) and SP = 2 
 data-parallel replicas (one micro-batch each), SP = 4 (2 × 2), TP = 2 × SP = 2 and PP = 2 ×
 SP = 2 (two micro-batches each), TP = 2 with two replicas and TP = 2 × PP = 2. Every TP = 2
 layout runs Megatron's TP sequence parallelism (norm and residual activations split over tp, the
-norms' gradients summed over tp by ``finalize_model_grads``). Gradients are gathered to full tensors (tensor-parallel shards
-concatenated, pipeline stages' layers renumbered globally).
+norms' gradients summed over tp by ``finalize_model_grads``). Gradients are gathered to full
+tensors (tensor-parallel shards concatenated, pipeline stages' layers renumbered globally).
 Tolerance: 1e-5 absolute on the loss and on every trainable parameter's gradient (fp32).
 
 Also checked in the same runs: each rank's vision tower encodes exactly its stage-1 share of the

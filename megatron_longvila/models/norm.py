@@ -21,8 +21,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 
 class Norm:
-    """``torch.nn.LayerNorm`` or ``torch.nn.RMSNorm`` as ``config.normalization`` says, its
-    parameters marked for the tensor-parallel gradient sum when ``config.sequence_parallel``.
+    """``torch.nn.LayerNorm`` or ``torch.nn.RMSNorm`` as ``config.normalization`` says, in
+    ``config.params_dtype``, its parameters marked for the tensor-parallel gradient sum when
+    ``config.sequence_parallel``.
 
     Same constructor as megatron-core's norms (``build_module`` passes config, hidden_size, eps).
     """
@@ -42,7 +43,7 @@ class Norm:
             raise ValueError(f"normalization {kind!r} is not one of {sorted(kinds)}")
         if config.layernorm_zero_centered_gamma or zero_centered_gamma:
             raise ValueError("zero-centered gamma is not supported by the torch norms")
-        norm = kinds[kind](hidden_size, eps=eps)
+        norm = kinds[kind](hidden_size, eps=eps, dtype=config.params_dtype)
         for param in norm.parameters():
             param.sequence_parallel = config.sequence_parallel
         return norm
