@@ -255,7 +255,10 @@ class LanguageModel(LanguageModule):
                 f"sequence over tp={tp} ranks: pad the sequence to a multiple of tp (or build "
                 "with sequence_parallel=False)"
             )
-        return tensor_parallel.scatter_to_sequence_parallel_region(hidden, group=self.tp_group)
+        part = tensor_parallel.scatter_to_sequence_parallel_region(hidden, group=self.tp_group)
+        # The split is a view: without a copy the first norm would keep the whole sequence alive
+        # (megatron's embedding clones its scatter output for the same reason).
+        return part.clone()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Last stage: hidden [s, b, hidden] from :meth:`hidden_states` → logits

@@ -203,7 +203,8 @@ class VisionTower(MegatronModule):
             x = F.pad(x, (0, 0, 0, 0, 0, pad))
             mask = torch.zeros(1, 1, 1, x.shape[0], dtype=torch.bool, device=x.device)
             mask[..., -pad:] = True
-        return tensor_parallel.scatter_to_sequence_parallel_region(x, group=self.tp_group), mask
+        part = tensor_parallel.scatter_to_sequence_parallel_region(x, group=self.tp_group)
+        return part.clone(), mask  # a copy, so that the whole sequence is not kept alive
 
 
 def _layer_output(layer: torch.nn.Module, mask: torch.Tensor | None):
