@@ -195,3 +195,20 @@ def test_padded_length_multiple():
     assert MMSPTopology(tp=2, ulysses=2, ring=2).sequence_multiple(sequence_parallel=False) == 8
     with pytest.raises(ValueError, match="tp_sequence_split must be at least 1, got 0"):
         sequence_multiple(2, 0)
+
+
+def test_transformer_engine_spec_turns_on_the_fusions_the_model_can_take(monkeypatch):
+    """Under the TE spec the LLM (SwiGLU) gets megatron's fused bias-SwiGLU; the vision tower
+    (tanh-GELU, which megatron cannot fuse) and the local spec do not."""
+    from types import SimpleNamespace
+
+    from megatron_longvila.models.llm import llm_transformer_config
+    from megatron_longvila.models.vision import vision_transformer_config
+
+    groups = SimpleNamespace(tp=None, pp=None)  # groups of one
+    for backend, fused in (("local", False), ("te", True)):
+        monkeypatch.setattr(platform, "layer_spec_backend", lambda backend=backend: backend)
+        llm = llm_transformer_config(LLM_CFG, groups, torch.float32)
+        vision = vision_transformer_config(VISION_CFG, groups, torch.float32)
+        assert llm.bias_activation_fusion is fused and not vision.bias_activation_fusion
+        assert not llm.apply_rope_fusion and not llm.sequence_parallel  # tp = 1

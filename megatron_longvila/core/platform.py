@@ -8,6 +8,7 @@ options that run on both, identical seeds, and joining (or starting) the process
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
 import random
 from typing import Any
@@ -34,6 +35,15 @@ def transformer_engine_available() -> bool:
     except Exception:  # a broken install (missing .so, CUDA mismatch) is as good as none
         return False
     return True
+
+
+def gradient_accumulation_fusion_available() -> bool:
+    """Whether weight gradients can be accumulated into megatron's fp32 ``main_grad`` inside the
+    GEMM: Transformer Engine for its linears, apex's ``fused_weight_gradient_mlp_cuda`` for
+    megatron's own (the output layer)."""
+    if not transformer_engine_available():
+        return False
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
 
 
 #: Environment variable forcing the layer spec: ``local`` (megatron-core's own modules) or ``te``.

@@ -154,6 +154,19 @@ def default_process_groups() -> ProcessGroupCollection:
     return ProcessGroupCollection.use_mpu_process_groups()
 
 
+def transformer_engine_fusions(architecture: dict[str, Any]) -> dict[str, Any]:
+    """The fusions of megatron's TE GPT path that this model can take: the fused bias-SwiGLU
+    where the MLP is SwiGLU (megatron fuses only gelu/SwiGLU; SigLIP's tanh-GELU stays unfused).
+    RoPE fusion stays off: our angles are per token ([s, b, 1, d] from position ids), TE's fused
+    RoPE takes one [s, 1, 1, d] table for the whole batch. Gradient-accumulation fusion needs
+    megatron's DDP buffers and is set where the model is wrapped
+    (:func:`~megatron_longvila.models.longvila_step.build_longvila_model`)."""
+    swiglu = bool(architecture.get("gated_linear_unit")) and (
+        architecture.get("activation_func") is torch.nn.functional.silu
+    )
+    return {"bias_activation_fusion": swiglu}
+
+
 def build_transformer_config(
     pg_collection: ProcessGroupCollection,
     params_dtype: torch.dtype,
@@ -175,6 +188,7 @@ def build_transformer_config(
     if params_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"params_dtype must be float32, bfloat16 or float16, got {params_dtype}")
     tp = group_size(pg_collection.tp)
+    te = platform.layer_spec_backend() == "te"
     fields = {
         "tensor_model_parallel_size": tp,
         "sequence_parallel": tp > 1,
@@ -184,6 +198,7 @@ def build_transformer_config(
         "bf16": params_dtype == torch.bfloat16,
         "fp16": params_dtype == torch.float16,
         **platform.portable_transformer_options(),
+        **(transformer_engine_fusions(architecture) if te else {}),
         **architecture,
     }
     return TransformerConfig(**{**fields, **(overrides or {})})
