@@ -212,3 +212,25 @@ def test_transformer_engine_spec_turns_on_the_fusions_the_model_can_take(monkeyp
         vision = vision_transformer_config(VISION_CFG, groups, torch.float32)
         assert llm.bias_activation_fusion is fused and not vision.bias_activation_fusion
         assert not llm.apply_rope_fusion and not llm.sequence_parallel  # tp = 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not platform.transformer_engine_available(), reason="needs CUDA and Transformer Engine"
+)
+def test_te_layer_spec_uses_the_modules_of_megatrons_te_spec():
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    from megatron_longvila.models.transformer import te_layer_spec
+
+    ours = te_layer_spec().submodules
+    theirs = get_gpt_layer_with_transformer_engine_spec().submodules
+    for name in ("input_layernorm", "pre_mlp_layernorm"):
+        assert getattr(ours, name) is getattr(theirs, name), name
+    ours_attn, theirs_attn = ours.self_attention.submodules, theirs.self_attention.submodules
+    assert ours_attn.linear_qkv is theirs_attn.linear_qkv
+    assert ours_attn.linear_proj is theirs_attn.linear_proj
+    assert ours.mlp.submodules.linear_fc1 is theirs.mlp.submodules.linear_fc1
+    assert ours.mlp.submodules.linear_fc2 is theirs.mlp.submodules.linear_fc2
