@@ -100,4 +100,5 @@ def run_layout(
         "first_stage": core.pre_process,
         "encoded": encoded,
         "exchange_bytes": sent.bytes("sp", "all_to_all_v"),
+        "sequence_parallel": core.config.sequence_parallel,
     }

@@ -115,6 +115,29 @@ def check_tensor_parallel_mappings_device():
     assert torch.equal(out, torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
 
 
+def check_tensor_parallel_layers_device():
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_longvila.core import platform
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=4,
+        num_attention_heads=2,
+        tensor_model_parallel_size=2,
+        sequence_parallel=True,
+        **platform.portable_transformer_options(),
+    )
+    linear = ColumnParallelLinear(4, 4, config=config, init_method=torch.nn.init.ones_, bias=False)
+    x = torch.ones(2, 1, 4, requires_grad=True)  # this rank's half of a 4-token sequence
+    out, _ = linear(x)  # the sequence is gathered: [4, 1, 2]
+    out.sum().backward()  # the input gradient is reduce-scattered back
+    assert out.shape == (4, 1, 2) and torch.equal(x.grad, torch.full((2, 1, 4), 4.0))
+
+
 def check_pipeline_schedules_device():
     from megatron.core import parallel_state
 
@@ -170,6 +193,29 @@ def _optimizer_step(clip_grad: float):
     assert success
     step = torch.cat([(b - p.detach()).flatten() for b, p in zip(before, params)])
     return grad_norm, step
+
+
+def check_float16_optimizer_param_types():
+    from megatron.core import parallel_state
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    parallel_state.initialize_model_parallel()
+    half = torch.nn.Parameter(torch.ones(3, dtype=torch.bfloat16))
+    full = torch.nn.Parameter(torch.ones(2))
+    for p in (half, full):
+        p.main_grad = torch.ones(p.shape)  # megatron's DDP keeps gradients there, fp32
+    config = OptimizerConfig(
+        optimizer="sgd", lr=0.5, bf16=True, params_dtype=torch.bfloat16, clip_grad=0.0
+    )
+    optimizer = Float16OptimizerWithFloat16Params(
+        torch.optim.SGD([half, full], lr=0.5), config, None, lambda *_: None
+    )
+    assert optimizer.float16_groups == [[half]] and optimizer.fp32_from_fp32_groups == [[full]]
+    assert optimizer.fp32_from_float16_groups[0][0].dtype == torch.float32  # the main copy
+    success, _, _ = optimizer.step()
+    assert success and torch.equal(half, torch.full((3,), 0.5, dtype=torch.bfloat16))
+    assert torch.equal(full.detach(), torch.full((2,), 0.5))
 
 
 def check_optimizer_device():

@@ -58,3 +58,36 @@ def test_gpu_kernels_hold(check):
     rows = check.run(torch.device("cuda"))
     failed = [r for r in rows if r.get("status") in ("fail", "error")]
     assert not failed, failed
+
+
+def _tiny_spec_step() -> dict:
+    from megatron_longvila.benchmarks import spec_step
+    from megatron_longvila.core.parallel_state import MMSPTopology, initialize_mmsp
+    from megatron_longvila.core.sequence_parallel.attention import MMSPAttention
+    from megatron_longvila.models.config import LLMConfig
+    from megatron_longvila.models.llm import LanguageModel
+
+    initialize_mmsp(MMSPTopology())
+    cfg = LLMConfig.preset("tiny", qkv_bias=False)
+    rows = spec_step.spec_step(torch.device("cpu"), cfg, seq=32, repeats=1)
+    model = LanguageModel(cfg, core_attention=MMSPAttention)
+    matrices = sum(
+        p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embedding" not in n
+    )
+    return {"rows": rows, "matrices": matrices, "flops": spec_step.step_flops(cfg, 32), "cfg": cfg}
+
+
+def test_spec_step_runs_the_local_spec_on_cpu(ranks2):
+    """The model-step check's own code on a tiny LLM: one row per spec, TE absent on CPU; its
+    FLOP count's matmul part is 6 × (the model's weight matrices) × tokens."""
+    result = ranks2.run(_tiny_spec_step)[0]
+    rows = {r["spec"]: r for r in result["rows"]}
+    assert rows["te"]["status"] == "not installed"
+    local = rows["local"]
+    assert local["step_ms"] > 0 and local["mfu"] is None and local["seq"] == 32
+    assert local["tokens_per_s"] == pytest.approx(32 / (local["step_ms"] / 1e3))
+    cfg = result["cfg"]
+    attention = 3.5 * cfg.num_layers * 2 * 32 * 32 * cfg.kv_channels * cfg.num_heads
+    assert result["flops"] == 6 * result["matrices"] * 32 + attention
+    md = gpu_check.markdown({"date": "test", "spec_step": result["rows"]})
+    assert "| local | 2 | 32 | float32 |" in md

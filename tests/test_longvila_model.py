@@ -12,8 +12,10 @@ Under test: ``build_longvila_model`` + ``forward_step`` run by megatron's
 (``calculate_per_token_loss``, gradients finished by ``finalize_model_grads``), weights moved from
 the reference layout by ``dist_checkpointing``, for SP = 2 (Ulysses) and SP = 2 (ring) with two
 data-parallel replicas (one micro-batch each), SP = 4 (2 × 2), TP = 2 × SP = 2 and PP = 2 ×
-SP = 2 (two micro-batches each). Gradients are gathered to full tensors (tensor-parallel shards
-concatenated, pipeline stages' layers renumbered globally).
+SP = 2 (two micro-batches each), TP = 2 with two replicas and TP = 2 × PP = 2. Every TP = 2
+layout runs Megatron's TP sequence parallelism (norm and residual activations split over tp, the
+norms' gradients summed over tp by ``finalize_model_grads``). Gradients are gathered to full
+tensors (tensor-parallel shards concatenated, pipeline stages' layers renumbered globally).
 Tolerance: 1e-5 absolute on the loss and on every trainable parameter's gradient (fp32).
 
 Also checked in the same runs: each rank's vision tower encodes exactly its stage-1 share of the
@@ -46,6 +48,8 @@ LAYOUTS = {  # name: (tp, ulysses, ring, pp); four ranks each
     "sp4_2x2": (1, 2, 2, 1),
     "tp2_sp2": (2, 2, 1, 1),
     "pp2_sp2": (1, 1, 2, 2),
+    "tp2_dp2": (2, 1, 1, 1),
+    "tp2_pp2": (2, 1, 1, 2),
 }
 
 
@@ -131,15 +135,17 @@ def run_reference(checkpoint: str) -> dict:
 # ---- what the exchange must send, computed independently ---------------------------------------
 
 
-def _expected_exchange_tokens(batch, sp: int) -> list[int]:
+def _expected_exchange_tokens(batch, sp: int, tp: int) -> list[int]:
     """Per sp rank: visual tokens it encodes that another rank holds (sent forward) plus tokens
-    it holds that another rank encoded (their gradients, sent backward)."""
+    it holds that another rank encoded (their gradients, sent backward). Rows are padded to a
+    multiple of 2·sp, times tp under TP sequence parallelism."""
     rows = reference_rows(batch, CFG)
     # The position in its row of every visual token, in frame order.
     positions = [t for row in rows for t, (kind, _) in enumerate(row["tokens"]) if kind == "visual"]
     lengths = [len(row["tokens"]) for row in rows]
     tokens_per_frame = CFG.tokens_per_frame
-    seq = -(-max(lengths) // (2 * sp)) * (2 * sp)
+    multiple = 2 * sp * tp
+    seq = -(-max(lengths) // multiple) * multiple
     holder = {}
     for rank in range(sp):
         for p in shard_token_indices(seq, sp, rank).tolist():
@@ -183,6 +189,7 @@ def test_sharded_model_equals_unsharded(rank_pools, reference, layout):
 
     merged: dict[str, torch.Tensor] = {}
     for rank, result in enumerate(results):
+        assert result["sequence_parallel"] == (tp > 1), rank
         if result["loss"] is not None:
             assert result["loss"] == pytest.approx(ref["loss"], abs=TOLERANCE), rank
         for name, grad in result["grads"].items():
@@ -202,7 +209,7 @@ def test_sharded_model_equals_unsharded(rank_pools, reference, layout):
         mine = batches[result["dp_rank"] :: 4 // (sp * tp * pp)]  # as run_layout splits them
         share = [frames_per_rank(b.num_frames, sp)[result["sp_rank"]] for b in mine]
         assert result["encoded"] == share, (rank, result["encoded"], share)
-        tokens = sum(_expected_exchange_tokens(b, sp)[result["sp_rank"]] for b in mine)
+        tokens = sum(_expected_exchange_tokens(b, sp, tp)[result["sp_rank"]] for b in mine)
         assert result["exchange_bytes"] == tokens * CFG.llm.hidden_size * 4, rank
         # Less than the all-reduce of the whole buffer (forward alone would send this much).
         all_visual = sum(b.num_frames for b in mine) * CFG.tokens_per_frame

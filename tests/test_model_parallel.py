@@ -51,6 +51,7 @@ def _outputs(llm, vision) -> dict[str, torch.Tensor]:
     losses = llm(ids, positions, labels=labels)
     features = vision(pixels)
     (losses.sum() + (features * feature_weights).sum()).backward()
+    _sum_sequence_parallel_grads(llm, vision)
     return {
         "logits": logits,
         "losses": losses.detach(),
@@ -58,6 +59,24 @@ def _outputs(llm, vision) -> dict[str, torch.Tensor]:
         "llm_norm_grad": llm.decoder.final_layernorm.weight.grad.clone(),
         "patch_grad": vision.patch_embedding.weight.grad.clone(),
     }
+
+
+def _sum_sequence_parallel_grads(*models) -> None:
+    """What megatron-core's ``finalize_model_grads`` does for TP sequence parallelism (these
+    models run without its DDP wrapper): sum over tp the gradients of parameters marked
+    ``sequence_parallel`` — each rank saw only its part of the sequence. Marked: the norms and
+    the biases of row-parallel linears (added after the reduce-scatter)."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    for model in models:
+        if not model.config.sequence_parallel:
+            continue
+        for name, param in model.named_parameters():
+            if getattr(param, "sequence_parallel", False) and param.grad is not None:
+                row_bias = name.endswith(("linear_proj.bias", "linear_fc2.bias"))
+                assert "layernorm" in name or row_bias, f"{name} is marked sequence_parallel"
+                torch.distributed.all_reduce(param.grad, group=group)
 
 
 def _expected_local_slices(hf_llm: dict, hf_vision: dict, rank: int, tp: int) -> dict:

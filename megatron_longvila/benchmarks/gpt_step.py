@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from megatron_longvila.benchmarks.cost_model import FUSED_KERNELS, TORCH_KERNELS, Kernels
 from megatron_longvila.benchmarks.workload import GPTShape, Strategy
+from megatron_longvila.core import platform
 from megatron_longvila.core.memory_tracking import TensorMemoryMeter
 
 
@@ -45,24 +46,14 @@ class StepSettings:
     seed: int = 0
 
 
-def _te_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 def kernels_in_use() -> Kernels:
     """What the layers built here keep for the backward (see :class:`cost_model.Kernels`)."""
-    return FUSED_KERNELS if _te_available() else TORCH_KERNELS
+    return FUSED_KERNELS if platform.transformer_engine_available() else TORCH_KERNELS
 
 
 def uses_te_context_parallel(strategy: Strategy) -> bool:
     """Whether CP+TP runs Transformer Engine's own p2p context-parallel attention here."""
-    return strategy.kind == "CP+TP" and _te_available()
+    return strategy.kind == "CP+TP" and platform.transformer_engine_available()
 
 
 def _layer_spec(strategy: Strategy):
@@ -70,7 +61,7 @@ def _layer_spec(strategy: Strategy):
 
     from megatron_longvila.core.sequence_parallel.attention import with_mmsp_core_attention
 
-    if _te_available():
+    if platform.transformer_engine_available():
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
@@ -88,11 +79,10 @@ def build_gpt(shape: GPTShape, strategy: Strategy, settings: StepSettings):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer import TransformerConfig
 
-    from megatron_longvila.core import platform
-
     dtype = getattr(torch, settings.dtype)
     te_cp = uses_te_context_parallel(strategy)
-    fused = _te_available()  # fused SwiGLU and RoPE on GPUs (FUSED_KERNELS); CPU runs unfused
+    # Fused SwiGLU and RoPE on GPUs (FUSED_KERNELS); CPU runs unfused.
+    fused = platform.transformer_engine_available()
     config = TransformerConfig(
         num_layers=shape.layers,
         hidden_size=shape.hidden,

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from megatron_longvila.benchmarks.report import save_json_and_markdown
+from megatron_longvila.benchmarks.spec_step import GPT_7B_4_LAYERS, SEQ, spec_step
 from megatron_longvila.core.sequence_parallel import kernels
 from megatron_longvila.core.sequence_parallel.rectangles import plan_rectangles
 from megatron_longvila.core.sequence_parallel.ring import simulated_ring_attention
@@ -368,6 +369,13 @@ CHECKS: list[Check] = [
         throughput,
         False,
     ),
+    Check(
+        "spec_step",
+        f"{GPT_7B_4_LAYERS.num_layers}-layer Qwen2-7B-shaped LLM step, {SEQ // 1024}k tokens, "
+        "bf16: Transformer Engine layer spec vs local spec (tokens/s, MFU)",
+        spec_step,
+        False,
+    ),
 ]
 
 
@@ -439,6 +447,19 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {r['forward_tflops']:.0f} | {r['forward_backward_ms']:.1f} "
                 f"| {r['forward_backward_tflops']:.0f} "
                 f"| {r['forward_backward_vs_monolithic']:.2f} |"
+            )
+    steps = [r for r in result.get("spec_step", []) if "step_ms" in r]
+    if steps:
+        lines += [
+            "",
+            "| layer spec | layers | S | dtype | step ms | tokens/s | TFLOP/s | MFU |",
+            "|---|---:|---:|---|---:|---:|---:|---:|",
+        ]
+        for r in steps:
+            mfu = "–" if r["mfu"] is None else f"{r['mfu']:.1%}"
+            lines.append(
+                f"| {r['spec']} | {r['layers']} | {r['seq']} | {r['dtype']} | {r['step_ms']:.1f} "
+                f"| {r['tokens_per_s']:.0f} | {r['model_tflops']:.0f} | {mfu} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -181,7 +181,7 @@ def _clip_grad_by_total_norm_fp32_cpu(
 
 
 # --------------------------------------------------------------------------------------------
-# CPU wrapper for LanguageModule.setup_embeddings_and_output_layer
+# CPU wrappers for LanguageModule.setup_embeddings_and_output_layer and the bf16 optimizer
 # --------------------------------------------------------------------------------------------
 
 
@@ -200,6 +200,34 @@ def _keep_tensors_on_cpu_during(method: Callable[..., Any]) -> Callable[..., Any
             return method(*args, **kwargs)
         finally:
             torch.Tensor.cuda = original_cuda  # type: ignore[method-assign]
+
+    on_cpu.__name__ = method.__name__
+    return on_cpu
+
+
+def _cuda_type_names_during(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` with ``Tensor.type()`` answering CUDA type names for CPU tensors while it runs.
+
+    mcore's mixed-precision optimizer sorts its parameters by ``param.type()`` (``"torch.cuda.
+    BFloat16Tensor"`` gets an fp32 main copy, ``"torch.cuda.FloatTensor"`` stays) and refuses any
+    other name; a CPU bf16 parameter answers ``"torch.BFloat16Tensor"``. The swap lasts only for
+    the call (optimizer construction, single-threaded) and only the no-argument form changes.
+    """
+
+    def on_cpu(*args: Any, **kwargs: Any) -> Any:
+        original_type = torch.Tensor.type
+
+        def type_name(tensor: torch.Tensor, *a: Any, **k: Any) -> Any:
+            name = original_type(tensor, *a, **k)
+            if a or k or tensor.device.type != "cpu":
+                return name
+            return name.replace("torch.", "torch.cuda.", 1)
+
+        torch.Tensor.type = type_name  # type: ignore[method-assign]
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.type = original_type  # type: ignore[method-assign]
 
     on_cpu.__name__ = method.__name__
     return on_cpu
@@ -290,6 +318,13 @@ _CPU_VIEW_SPOTS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
         "megatron.core.tensor_parallel.mappings",
         ("_gather_along_last_dim", "_gather_along_first_dim", "_AllToAll.forward"),
         "gather outputs are allocated on torch.cuda.current_device()",
+    ),
+    (
+        "tensor_parallel_layers_device",
+        "megatron.core.tensor_parallel.layers",
+        ("LinearWithGradAccumulationAndAsyncCommunication.backward",),
+        "with TP sequence parallelism the reduce-scattered input gradient of a column-parallel "
+        "linear is allocated on torch.cuda.current_device()",
     ),
     (
         "pipeline_schedules_device",
@@ -410,6 +445,16 @@ ADAPTATIONS: tuple[Adaptation, ...] = (
         why="the selective 'layernorm' recomputation builds CheckpointWithoutOutput() whose "
         "default fp8=False counts as fp8 on and reaches Transformer Engine's FP8GlobalStateManager",
         replacement=_checkpoint_without_output_init_without_te,
+    ),
+    Adaptation(
+        name="float16_optimizer_param_types",
+        module="megatron.core.optimizer.optimizer",
+        owner="Float16OptimizerWithFloat16Params",
+        attribute="__init__",
+        adapts=("Float16OptimizerWithFloat16Params.__init__",),
+        why="sorts bf16/fp16 and fp32 parameters by param.type() == 'torch.cuda.BFloat16Tensor' "
+        "/ 'torch.cuda.FloatTensor' and refuses every other type name",
+        replacement=_cuda_type_names_during,
     ),
     Adaptation(
         name="clip_grad_by_total_norm_fp32",

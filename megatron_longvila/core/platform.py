@@ -8,6 +8,7 @@ options that run on both, identical seeds, and joining (or starting) the process
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import os
 import random
 from typing import Any
@@ -25,14 +26,72 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def transformer_engine_available() -> bool:
+    """Whether Transformer Engine's PyTorch layers can run here (CUDA and an importable TE)."""
+    if not cuda_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # a broken install (missing .so, CUDA mismatch) is as good as none
+        return False
+    return True
+
+
+def gradient_accumulation_fusion_available() -> bool:
+    """Whether weight gradients can be accumulated into megatron's fp32 ``main_grad`` inside the
+    GEMM: Transformer Engine for its linears, apex's ``fused_weight_gradient_mlp_cuda`` for
+    megatron's own (the output layer)."""
+    if not transformer_engine_available():
+        return False
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
+#: Environment variable forcing the layer spec: ``local`` (megatron-core's own modules) or ``te``.
+LAYER_SPEC_ENV = "MLV_LAYER_SPEC"
+LAYER_SPECS = ("local", "te")
+
+
+def layer_spec_backend() -> str:
+    """Which modules transformer layers are built from: ``"te"`` (Transformer Engine) on CUDA
+    with TE importable, else ``"local"``; :data:`LAYER_SPEC_ENV` overrides. Forcing ``te``
+    where TE cannot run raises, naming what is missing."""
+    forced = os.environ.get(LAYER_SPEC_ENV)
+    if not forced:
+        return "te" if transformer_engine_available() else "local"
+    if forced not in LAYER_SPECS:
+        raise ValueError(f"{LAYER_SPEC_ENV}={forced!r} is not one of {LAYER_SPECS}")
+    if forced == "te" and not transformer_engine_available():
+        missing = "CUDA" if not cuda_available() else "an importable transformer_engine"
+        raise RuntimeError(
+            f"{LAYER_SPEC_ENV}=te needs Transformer Engine layers, but {missing} is not "
+            "available on this machine"
+        )
+    return forced
+
+
+def weight_init_options(weights_loaded: bool = False) -> dict[str, Any]:
+    """``TransformerConfig`` fields saying where and whether weights are drawn.
+
+    CPU: drawn on the host from the global generator (``use_cpu_initialization``), the same full
+    tensors on every rank whatever the layout. CUDA: created on the device and drawn there with
+    megatron's model-parallel RNG (``model_parallel_cuda_manual_seed``), so no rank builds a
+    full-size host copy; with ``weights_loaded`` (a checkpoint or HF weights overwrite them all)
+    they are only allocated, not drawn.
+    """
+    if not cuda_available():
+        return {"use_cpu_initialization": True, "perform_initialization": True}
+    return {"use_cpu_initialization": False, "perform_initialization": not weights_loaded}
+
+
 def portable_transformer_options() -> dict[str, Any]:
-    """``TransformerConfig`` run options that work on CPU and GPU alike: weights created on the
-    CPU from the global generator (so every parallel layout starts from the same full tensors),
-    no dropout, no fusion that needs a CUDA kernel, and no ``torch.cuda.synchronize()`` around
-    batched pipeline p2p without CUDA. Callers set their own fields on top (e.g. fusions on GPUs).
+    """``TransformerConfig`` run options that work on CPU and GPU alike: weights drawn as
+    :func:`weight_init_options` says (on the CPU from the global generator, so every parallel
+    layout starts from the same full tensors), no dropout, no fusion that needs a CUDA kernel,
+    and no ``torch.cuda.synchronize()`` around batched pipeline p2p without CUDA. Callers set
+    their own fields on top (e.g. fusions on GPUs).
     """
     return {
-        "use_cpu_initialization": True,
+        **weight_init_options(),
         "hidden_dropout": 0.0,
         "attention_dropout": 0.0,
         "bias_activation_fusion": False,

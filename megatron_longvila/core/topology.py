@@ -35,6 +35,11 @@ class MMSPTopology:
         """Ranks per data-parallel replica: ``tp × sp × pp``."""
         return self.tp * self.sp * self.pp
 
+    def sequence_multiple(self, sequence_parallel: bool) -> int:
+        """What every padded sequence length must be a multiple of (see
+        :func:`sequence_multiple`); ``sequence_parallel``: Megatron's TP sequence parallelism."""
+        return sequence_multiple(self.sp, self.tp if sequence_parallel else 1)
+
     def dp(self, world_size: int) -> int:
         self.validate(world_size)
         return world_size // self.model_parallel_size
@@ -110,6 +115,16 @@ class MMSPTopology:
                 f"{num_query_groups} / tp {self.tp}) can neither be split over ulysses="
                 f"{self.ulysses} ranks nor replicated onto them: one must divide the other"
             ) from None
+
+
+def sequence_multiple(sp: int, tp_sequence_split: int = 1) -> int:
+    """``2·sp·tp_sequence_split``: every sp rank holds two zigzag chunks of a padded sequence,
+    and under Megatron's TP sequence parallelism each shard is split again over the
+    ``tp_sequence_split`` tensor-parallel ranks (1 without)."""
+    for name, value in (("sp", sp), ("tp_sequence_split", tp_sequence_split)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    return 2 * sp * tp_sequence_split
 
 
 def replicated_kv_heads(kv_heads: int, ulysses: int) -> int:

@@ -42,6 +42,7 @@ from megatron_longvila.convert.hf_source import (
     read_longvila_config,
     read_longvila_weights,
 )
+from megatron_longvila.core import platform
 from megatron_longvila.models.config import MODULES, LongVILAConfig
 from megatron_longvila.models.longvila import LongVILAModel
 from megatron_longvila.models.longvila_step import build_longvila_model
@@ -137,7 +138,15 @@ def load_model_for_inference(
             f"{source.directory} does not record the model architecture ({TRAIN_STATE} has no "
             f"{MODEL_CONFIG_KEY!r}); pass model_config (CLI: --model-preset)"
         )
-    (model,) = build_longvila_model(source.config, params_dtype=params_dtype)
+    (model,) = build_longvila_model(
+        source.config,
+        params_dtype=params_dtype,
+        # Every weight is loaded below; decoding runs one token, which cannot be split over tp.
+        transformer_overrides={
+            **platform.weight_init_options(weights_loaded=True),
+            "sequence_parallel": False,
+        },
+    )
     if source.kind == "hf":
         if parallel_state.get_tensor_model_parallel_world_size() != 1:
             raise CheckpointError(

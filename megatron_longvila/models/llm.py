@@ -13,6 +13,10 @@ schedule hands intermediate stages their input through :meth:`set_input_tensor`.
 The attention kernel is the layer spec's ``core_attention`` (megatron's DotProductAttention by
 default; MM-SP attention is passed the same way). RoPE angles are computed per token from
 ``position_ids`` (see :mod:`megatron_longvila.models.rotary`).
+
+Megatron's TP sequence parallelism (``config.sequence_parallel``, on when tp > 1): the decoder
+input is split along the sequence over the tensor-parallel ranks here, and the output layer
+gathers it back, so callers see full-length embeddings, logits and losses either way.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from megatron_longvila.models.transformer import (
     build_transformer_config,
     default_process_groups,
     recompute_mlp_activations,
-    transformer_layer_spec,
+    transformer_block_spec,
 )
 
 
@@ -145,6 +149,8 @@ class LanguageModel(LanguageModule):
                 vocab_size=cfg.padded_vocab_size,
                 max_sequence_length=cfg.max_position_embeddings,
                 position_embedding_type="none",  # positions enter through RoPE only
+                # embed() returns the whole sequence; hidden_states() splits it for TP-SP.
+                scatter_to_sequence_parallel=False,
                 tp_group=pg_collection.tp,
             )
         self.register_buffer(
@@ -154,7 +160,12 @@ class LanguageModel(LanguageModule):
         )
         self.decoder = TransformerBlock(
             config=config,
-            spec=transformer_layer_spec(core_attention=core_attention),
+            spec=transformer_block_spec(
+                config,
+                core_attention=core_attention,
+                vp_stage=vp_stage,
+                pp_rank=group_rank(pg_collection.pp),
+            ),
             pre_process=pre_process,
             post_process=post_process,
             pg_collection=pg_collection,
@@ -238,12 +249,15 @@ class LanguageModel(LanguageModule):
         decoder_input: torch.Tensor | None = None,
         packed_seq_params: PackedSeqParams | None = None,
     ) -> torch.Tensor:
-        """The decoder layers of this stage (arguments as :meth:`forward`): [s, b, hidden],
-        after the final norm on the last stage, ready for :meth:`logits`."""
+        """The decoder layers of this stage (arguments as :meth:`forward`): [s, b, hidden]
+        ([s/tp, b, hidden], this rank's part, under TP sequence parallelism), after the final
+        norm on the last stage, ready for :meth:`logits`."""
         if decoder_input is None and self.pre_process:
             if input_ids is None:
                 raise ValueError("the first stage needs input_ids or decoder_input")
             decoder_input = self.embed(input_ids)
+        if decoder_input is not None and self.config.sequence_parallel:
+            decoder_input = self._split_sequence(decoder_input)
         rotary = rotary_angles(position_ids, self.inv_freq)
         return self.decoder(
             hidden_states=decoder_input,
@@ -251,6 +265,20 @@ class LanguageModel(LanguageModule):
             rotary_pos_emb=rotary,
             packed_seq_params=packed_seq_params,
         )
+
+    def _split_sequence(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[s, b, h] → this tensor-parallel rank's [s/tp, b, h] (gradients gathered back)."""
+        tp = self.config.tensor_model_parallel_size
+        if hidden.shape[0] % tp:
+            raise ValueError(
+                f"TP sequence parallelism splits the {hidden.shape[0]} tokens of this rank's "
+                f"sequence over tp={tp} ranks: pad the sequence to a multiple of tp (or build "
+                "with sequence_parallel=False)"
+            )
+        part = tensor_parallel.scatter_to_sequence_parallel_region(hidden, group=self.tp_group)
+        # The split is a view: without a copy the first norm would keep the whole sequence alive
+        # (megatron's embedding clones its scatter output for the same reason).
+        return part.clone()
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Last stage: hidden [s, b, hidden] from :meth:`hidden_states` → logits

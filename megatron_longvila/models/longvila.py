@@ -131,6 +131,9 @@ class LongVILAModel(MegatronModule):
             sp=self.groups.sp_size,
             sp_rank=self.groups.sp_rank,
             with_frames=self.pre_process,
+            tp_sequence_split=self.config.tensor_model_parallel_size
+            if self.config.sequence_parallel
+            else 1,
         )
 
     def set_input_tensor(self, input_tensor: torch.Tensor | list[torch.Tensor] | None) -> None:

@@ -50,8 +50,10 @@ def build_longvila_model(
 ) -> list[torch.nn.Module]:
     """This rank's model chunks (one: virtual pipeline stages are not used), on its device.
 
-    Weights are drawn on the CPU from ``seed``, the same on every rank (tensor-parallel ranks
-    slice the same full tensors), so all sp and dp ranks start alike. A stage draws only its own
+    On the CPU, weights are drawn on the host from ``seed``, the same on every rank
+    (tensor-parallel ranks slice the same full tensors), so all sp and dp ranks start alike; on
+    GPUs each rank draws its own shards on the device with megatron's model-parallel RNG
+    (:func:`platform.weight_init_options`). A stage draws only its own
     layers, so layouts with different pipeline sizes start from different weights: load a
     checkpoint (``dist_checkpointing``) to start them from the same. With ``ddp_config`` the
     chunk is megatron's ``DistributedDataParallel`` (gradients in ``param.main_grad``, finished
@@ -63,12 +65,17 @@ def build_longvila_model(
     """
     platform.seed_everything(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    overrides = dict(transformer_overrides or {})
+    if ddp_config is not None and platform.layer_spec_backend() == "te":
+        # Weight gradients go straight into DDP's fp32 main_grad buffers inside the GEMM.
+        fusion = platform.gradient_accumulation_fusion_available()
+        overrides.setdefault("gradient_accumulation_fusion", fusion)
     model = LongVILAModel(
         cfg,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         params_dtype=params_dtype,
-        transformer_overrides=transformer_overrides,
+        transformer_overrides=overrides,
     )
     model.to(platform.local_device())
     for name in frozen:

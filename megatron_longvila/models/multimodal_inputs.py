@@ -5,7 +5,8 @@ sp group and every pipeline stage builds its own inputs from the same batch:
 
 1. **Expand.** Each placeholder token becomes ``frames × T`` visual positions (``T`` =
    ``tokens_per_frame``), frame-major. Text padding is dropped and rows are padded again to one
-   length ``S``, a multiple of ``2·sp`` (padding: id 0, segment ``PAD_SEGMENT``, position 0).
+   length ``S``, a multiple of ``2·sp`` (of ``2·sp·tp`` under TP sequence parallelism; padding:
+   id 0, segment ``PAD_SEGMENT``, position 0).
 2. **Shift.** On the expanded sequence, ``labels[t]`` is the label of token ``t+1`` of the same
    sample: ``IGNORE_INDEX`` where that token is visual, at each sample's last token and at
    padding. Shifting before the split means no rank needs its neighbour's first token.
@@ -24,6 +25,7 @@ import torch
 
 from megatron_longvila.core.sequence_parallel.sharding import locate_tokens, shard_token_indices
 from megatron_longvila.core.sequence_parallel.visual_exchange import VisualTokenRoute, frame_range
+from megatron_longvila.core.topology import sequence_multiple
 from megatron_longvila.data.batch import IGNORE_INDEX, PAD_SEGMENT, MultimodalBatch
 from megatron_longvila.models.config import LongVILAConfig
 
@@ -195,12 +197,15 @@ def prepare_mmsp_inputs(
     sp: int = 1,
     sp_rank: int = 0,
     with_frames: bool = True,
+    tp_sequence_split: int = 1,
 ) -> MMSPInputs:
     """Rank ``sp_rank``'s inputs for ``batch`` split over ``sp`` ranks (see the module docstring).
 
     ``with_frames=False`` leaves the pixels out (pipeline stages after the first).
+    ``tp_sequence_split``: the tensor-parallel size under Megatron's TP sequence parallelism (each
+    shard is split again over tp, so ``S`` is a multiple of ``2·sp·tp``), else 1.
     """
-    full = expand_batch(batch, cfg, multiple=2 * sp)
+    full = expand_batch(batch, cfg, multiple=sequence_multiple(sp, tp_sequence_split))
     seq_length, b = full.seq_length, batch.batch_size
     index = shard_token_indices(seq_length, sp, sp_rank)
     rows, positions = full.visual_positions // seq_length, full.visual_positions % seq_length

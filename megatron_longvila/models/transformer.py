@@ -1,14 +1,22 @@
-"""The megatron-core pieces both towers are built from: one layer spec and one config builder.
+"""The megatron-core pieces both towers are built from: one block spec and one config builder.
 
 A transformer layer is a :class:`ModuleSpec` tree; the vision tower and the LLM differ only in
 the attention mask type, the norm (LayerNorm vs RMSNorm, chosen by the config) and the module
 that computes attention from q, k, v (``core_attention``). MM-SP attention enters by passing its
 ModuleSpec as ``core_attention``; nothing else in the layer changes.
+
+Two sets of modules build the same layer (``platform.layer_spec_backend()`` picks): ``local``
+— megatron-core's own linears and torch norms (:mod:`.norm`), on CPU and GPU; ``te`` —
+Transformer Engine's, as megatron-core's TE GPT spec has them (norms fused into the
+column-parallel linears after them). Both write the same checkpoint keys.
+
+With tensor parallelism, Megatron's TP sequence parallelism is on (``sequence_parallel``): norms,
+residuals and dropout hold ``s/tp`` tokens per rank; the column-parallel linears all-gather the
+sequence and the row-parallel ones reduce-scatter it.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import torch
@@ -24,13 +32,17 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from megatron_longvila.core import platform
 from megatron_longvila.core.parallel_state import group_size
 from megatron_longvila.models.config import MemoryConfig
+from megatron_longvila.models.norm import FinalNorm, Norm
 
 
 class ActivationRecomputingMLP(MLP):
@@ -81,20 +93,86 @@ def recompute_mlp_activations(block: torch.nn.Module) -> None:
             module.__class__ = ActivationRecomputingMLP
 
 
+def transformer_block_spec(
+    config: TransformerConfig,
+    core_attention: ModuleSpec | type = DotProductAttention,
+    attn_mask_type: AttnMaskType = AttnMaskType.causal,
+    backend: str | None = None,
+    vp_stage: int | None = None,
+    pp_rank: int | None = None,
+) -> TransformerBlockSubmodules:
+    """The layers of pipeline stage ``pp_rank`` (of ``config``'s stages) and the final norm,
+    from ``backend``'s modules (``"local"`` or ``"te"``; default
+    :func:`platform.layer_spec_backend`)."""
+    backend = backend or platform.layer_spec_backend()
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        layer, final_norm = te_layer_spec(core_attention, attn_mask_type), TENorm
+    elif backend == "local":
+        layer, final_norm = transformer_layer_spec(core_attention, attn_mask_type), FinalNorm
+    else:
+        raise ValueError(f"layer spec backend {backend!r} is not one of {platform.LAYER_SPECS}")
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=final_norm)
+
+
+def te_layer_spec(
+    core_attention: ModuleSpec | type = DotProductAttention,
+    attn_mask_type: AttnMaskType = AttnMaskType.causal,
+) -> ModuleSpec:
+    """The layer of :func:`transformer_layer_spec` from Transformer Engine modules, as
+    megatron-core's ``get_gpt_layer_with_transformer_engine_spec`` builds it: each norm fused
+    into the column-parallel linear after it (``TELayerNormColumnParallelLinear``), TE's
+    row-parallel linears. Needs CUDA and Transformer Engine."""
+    from megatron.core.extensions.transformer_engine import (
+        TELayerNormColumnParallelLinear,
+        TERowParallelLinear,
+    )
+
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=IdentityOp,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": attn_mask_type},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=TELayerNormColumnParallelLinear,
+                    core_attention=core_attention,
+                    linear_proj=TERowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=IdentityOp,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear
+                ),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
 def transformer_layer_spec(
     core_attention: ModuleSpec | type = DotProductAttention,
     attn_mask_type: AttnMaskType = AttnMaskType.causal,
 ) -> ModuleSpec:
     """A pre-norm transformer layer of megatron-core local modules.
 
-    Norms are torch's LayerNorm/RMSNorm (``TransformerConfig.normalization`` picks), linears are
-    megatron's tensor-parallel ones. The keys map matches megatron-core's local GPT spec, so
-    distributed checkpoints use the same names as Transformer Engine layers.
+    Norms are :class:`~.norm.Norm` (torch's LayerNorm/RMSNorm, ``TransformerConfig.normalization``
+    picks; ready for TP sequence parallelism), linears are megatron's tensor-parallel ones. The
+    keys map is megatron-core's local GPT spec's: distributed checkpoints use the names of the
+    Transformer Engine layer (:func:`te_layer_spec`).
     """
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=WrappedTorchNorm,
+            input_layernorm=Norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": attn_mask_type},
@@ -107,7 +185,7 @@ def transformer_layer_spec(
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=WrappedTorchNorm,
+            pre_mlp_layernorm=Norm,
             mlp=ModuleSpec(
                 module=MLP,
                 submodules=MLPSubmodules(
@@ -135,9 +213,22 @@ def norm_recompute_options(memory: MemoryConfig, overrides: dict[str, Any]) -> d
     only where the CPU adaptations have fixed its fp8 default (CPU runs)."""
     if not memory.norm_keeps_input or overrides.get("recompute_granularity"):
         return {}
-    if platform.cuda_available() and importlib.util.find_spec("transformer_engine") is None:
+    if platform.cuda_available() and not platform.transformer_engine_available():
         return {}
     return {"recompute_granularity": "selective", "recompute_modules": ["layernorm"]}
+
+
+def transformer_engine_fusions(architecture: dict[str, Any]) -> dict[str, Any]:
+    """The fusions of megatron's TE GPT path that this model can take: the fused bias-SwiGLU
+    where the MLP is SwiGLU (megatron fuses only gelu/SwiGLU; SigLIP's tanh-GELU stays unfused).
+    RoPE fusion stays off: our angles are per token ([s, b, 1, d] from position ids), TE's fused
+    RoPE takes one [s, 1, 1, d] table for the whole batch. Gradient-accumulation fusion needs
+    megatron's DDP buffers and is set where the model is wrapped
+    (:func:`~megatron_longvila.models.longvila_step.build_longvila_model`)."""
+    swiglu = bool(architecture.get("gated_linear_unit")) and (
+        architecture.get("activation_func") is torch.nn.functional.silu
+    )
+    return {"bias_activation_fusion": swiglu}
 
 
 def build_transformer_config(
@@ -153,21 +244,27 @@ def build_transformer_config(
     Tensor-parallel size comes from the groups; pipeline-parallel size too when
     ``pipeline_parallel`` (the LLM), else 1 (the vision tower lives on one stage). No dropout
     (SigLIP, Qwen2 and Llama train without); fusions that need CUDA kernels are off; weights are
-    created on the CPU from the global generator, so every layout starts from the same full
-    tensors. ``overrides`` sets run options on top (activation recompute, context-parallel
-    size, ...), by TransformerConfig field name; ``memory`` adds the norms' recomputation
+    drawn as :func:`platform.weight_init_options` says (on the CPU: from the global generator,
+    so every layout starts from the same full tensors). Megatron's TP sequence parallelism is on
+    whenever tp > 1. ``overrides`` sets run options on top (activation recompute,
+    context-parallel size, ``sequence_parallel=False`` for one-token decoding, ...), by
+    TransformerConfig field name; ``memory`` adds the norms' recomputation
     (:func:`norm_recompute_options`).
     """
     if params_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"params_dtype must be float32, bfloat16 or float16, got {params_dtype}")
+    tp = group_size(pg_collection.tp)
+    te = platform.layer_spec_backend() == "te"
     fields = {
-        "tensor_model_parallel_size": group_size(pg_collection.tp),
+        "tensor_model_parallel_size": tp,
+        "sequence_parallel": tp > 1,
         "pipeline_model_parallel_size": group_size(pg_collection.pp) if pipeline_parallel else 1,
         "params_dtype": params_dtype,
         "pipeline_dtype": params_dtype,
         "bf16": params_dtype == torch.bfloat16,
         "fp16": params_dtype == torch.float16,
         **platform.portable_transformer_options(),
+        **(transformer_engine_fusions(architecture) if te else {}),
         **architecture,
     }
     overrides = overrides or {}

@@ -6,7 +6,10 @@ features of the selected layer [n, patches, hidden], exactly what transformers'
 ``SiglipVisionModel(...).hidden_states[select_layer]`` returns.
 
 The patch embedding, position embeddings and norms are replicated across tensor-parallel ranks;
-attention and MLP are split by megatron's column/row-parallel linears.
+attention and MLP are split by megatron's column/row-parallel linears. Under Megatron's TP
+sequence parallelism (tp > 1) each rank's layers hold ``patches/tp`` of every frame's patches
+outside attention and MLP: the patch sequence is padded to a multiple of tp (the padding is
+masked out as a key and dropped at the end), split, and gathered after the last layer.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from megatron_longvila.models.transformer import (
     build_transformer_config,
     default_process_groups,
     recompute_mlp_activations,
-    transformer_layer_spec,
+    transformer_block_spec,
 )
 
 
@@ -126,11 +129,18 @@ class VisionTower(MegatronModule):
         self.position_embedding = torch.nn.Embedding(
             cfg.num_patches, cfg.hidden_size, dtype=params_dtype
         )
-        spec = transformer_layer_spec(attn_mask_type=AttnMaskType.no_mask)
         run, tail = cfg.num_layers_to_run, cfg.num_layers - cfg.num_layers_to_run
+
+        def spec(num_layers: int):  # the tower lives on one pipeline stage
+            return transformer_block_spec(
+                dataclasses.replace(config, num_layers=num_layers),
+                attn_mask_type=AttnMaskType.no_mask,
+                pp_rank=0,
+            )
+
         self.encoder = TransformerBlock(
             config=dataclasses.replace(config, num_layers=run),
-            spec=spec,
+            spec=spec(run),
             post_layer_norm=True,
             pre_process=True,
             post_process=True,
@@ -139,7 +149,7 @@ class VisionTower(MegatronModule):
         self.unused_layers = (
             TransformerBlock(
                 config=dataclasses.replace(config, num_layers=tail),
-                spec=spec,
+                spec=spec(tail),
                 post_layer_norm=False,
                 pre_process=True,
                 post_process=True,
@@ -176,18 +186,39 @@ class VisionTower(MegatronModule):
         x = x.flatten(2).transpose(1, 2)  # [n, patches, h], patches in row-major order
         x = x + self.position_embedding.weight
         x = x.transpose(0, 1).contiguous()  # megatron layers take [s, b, h]
+        patches = x.shape[0]
+        mask = None
+        if self.config.sequence_parallel:
+            x, mask = self._split_patches(x)
         recompute = self.config.recompute_granularity == "full"
         for layer in self.encoder.layers:
             if recompute and self.training:
                 # Keep only each layer's input; rerun the layer in the backward pass.
-                x = tensor_parallel.checkpoint(_layer_output(layer), False, x)
+                x = tensor_parallel.checkpoint(_layer_output(layer, mask), False, x)
             else:
-                x, _ = layer(x, attention_mask=None)
+                x, _ = layer(x, attention_mask=mask)
+        if self.config.sequence_parallel:
+            x = tensor_parallel.gather_from_sequence_parallel_region(
+                x, tensor_parallel_output_grad=False, group=self.tp_group
+            )[:patches]
         return x.transpose(0, 1).contiguous()
 
+    def _split_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [patches, n, h] → (this rank's [padded/tp, n, h], key mask [1, 1, 1, padded] True
+        at the padding, or None without padding)."""
+        tp = self.config.tensor_model_parallel_size
+        pad = -x.shape[0] % tp
+        mask = None
+        if pad:
+            x = F.pad(x, (0, 0, 0, 0, 0, pad))
+            mask = torch.zeros(1, 1, 1, x.shape[0], dtype=torch.bool, device=x.device)
+            mask[..., -pad:] = True
+        part = tensor_parallel.scatter_to_sequence_parallel_region(x, group=self.tp_group)
+        return part.clone(), mask  # a copy, so that the whole sequence is not kept alive
 
-def _layer_output(layer: torch.nn.Module):
+
+def _layer_output(layer: torch.nn.Module, mask: torch.Tensor | None):
     def run(hidden: torch.Tensor) -> torch.Tensor:
-        return layer(hidden, attention_mask=None)[0]
+        return layer(hidden, attention_mask=mask)[0]
 
     return run

@@ -65,7 +65,10 @@ def build_model(
     config: TrainConfig, arch: LongVILAConfig, dtype: torch.dtype
 ) -> list[DistributedDataParallel]:
     """This rank's model chunk(s), frozen modules marked, wrapped in megatron's DDP."""
-    overrides: dict[str, Any] = {}
+    # On GPUs, weights that init.checkpoint overwrites are only allocated, not drawn.
+    overrides: dict[str, Any] = platform.weight_init_options(
+        weights_loaded=bool(config.init.checkpoint)
+    )
     if config.parallel.recompute:
         overrides.update(
             recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
