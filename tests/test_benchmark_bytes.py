@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_longvila.benchmarks import cost_model
-from megatron_longvila.benchmarks.cost_model import Precision
 from megatron_longvila.benchmarks.gpt_step import StepSettings, measure_strategy
-from megatron_longvila.benchmarks.workload import GPTShape, strategies_for
+from megatron_longvila.planning import cost_model
+from megatron_longvila.planning.cost_model import Precision
+from megatron_longvila.planning.workload import GPTShape, strategies_for
 
 SHAPES = {
     # kv heads split over tp × ulysses where they can be, replicated where ulysses exceeds them

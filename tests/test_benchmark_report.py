@@ -18,7 +18,7 @@ import pytest
 from megatron_longvila.benchmarks import report
 from megatron_longvila.benchmarks.compare import run_comparison
 from megatron_longvila.benchmarks.gpt_step import StepSettings
-from megatron_longvila.benchmarks.workload import GPTShape, strategies_for
+from megatron_longvila.planning.workload import GPTShape, strategies_for
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"

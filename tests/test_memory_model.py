@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_longvila.benchmarks import cost_model
-from megatron_longvila.benchmarks.workload import GPTShape, Strategy
+from megatron_longvila.planning import cost_model
+from megatron_longvila.planning.workload import GPTShape, Strategy
 
 TOLERANCE = 0.02
 FP32 = cost_model.Precision.of("float32")

@@ -14,12 +14,12 @@ from dataclasses import replace
 
 import pytest
 
-from megatron_longvila.benchmarks import cost_model, planner, simulator
-from megatron_longvila.benchmarks.cost_model import Precision, Training
-from megatron_longvila.benchmarks.planner import NoLayoutFits, Search, Workload
 from megatron_longvila.benchmarks.scaling_study import H100_NODES
-from megatron_longvila.benchmarks.simulator import Link
-from megatron_longvila.benchmarks.workload import QWEN2_7B, GPTShape, Strategy
+from megatron_longvila.planning import cost_model, planner, simulator
+from megatron_longvila.planning.cost_model import Precision, Training
+from megatron_longvila.planning.planner import NoLayoutFits, Search, Workload
+from megatron_longvila.planning.simulator import Link
+from megatron_longvila.planning.workload import QWEN2_7B, GPTShape, Strategy
 
 GiB = 2**30
 SHAPE = GPTShape(layers=4, hidden=512, heads=8, kv_heads=4, ffn_hidden=1024, vocab=1024)

@@ -13,12 +13,12 @@ from dataclasses import replace
 
 import pytest
 
-from megatron_longvila.benchmarks import cost_model, simulator
 from megatron_longvila.benchmarks.calibration import fit_link
-from megatron_longvila.benchmarks.cost_model import Precision, Training
 from megatron_longvila.benchmarks.scaling_study import H100_NODES, paper_study
-from megatron_longvila.benchmarks.simulator import Link
-from megatron_longvila.benchmarks.workload import LLAMA3_8B, GPTShape, Strategy
+from megatron_longvila.planning import cost_model, simulator
+from megatron_longvila.planning.cost_model import Precision, Training
+from megatron_longvila.planning.simulator import Link
+from megatron_longvila.planning.workload import LLAMA3_8B, GPTShape, Strategy
 
 SHAPE = GPTShape(layers=4, hidden=512, heads=8, kv_heads=4, ffn_hidden=1024, vocab=1000)
 SEQ = 8192

@@ -30,13 +30,13 @@ import torch.distributed as dist
 from megatron_longvila.benchmarks import report
 from megatron_longvila.benchmarks.compare import run_comparison
 from megatron_longvila.benchmarks.gpt_step import StepSettings
-from megatron_longvila.benchmarks.workload import (
+from megatron_longvila.core.rank_pool import rank_runner
+from megatron_longvila.planning.workload import (
     CPU_SMALL,
     LLAMA3_8B,
     GPTShape,
     strategies_for,
 )
-from megatron_longvila.core.rank_pool import rank_runner
 
 PRESETS = {"small": CPU_SMALL, "llama3-8b": LLAMA3_8B}
 

@@ -20,10 +20,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from megatron_longvila.benchmarks import study_report
-from megatron_longvila.benchmarks.planner import Search
 from megatron_longvila.benchmarks.scaling_study import H100_NODES, StudySetup, paper_study
-from megatron_longvila.benchmarks.simulator import Link
-from megatron_longvila.benchmarks.workload import CPU_SMALL, LLAMA3_8B, strategies_for
+from megatron_longvila.planning.planner import Search
+from megatron_longvila.planning.simulator import Link
+from megatron_longvila.planning.workload import CPU_SMALL, LLAMA3_8B, strategies_for
 
 GiB = 2**30
 

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_longvila.benchmarks import cost_model
-from megatron_longvila.benchmarks.simulator import Cluster, Link
-from megatron_longvila.benchmarks.workload import GPTShape, Strategy
 from megatron_longvila.core.sequence_parallel import traffic
+from megatron_longvila.planning import cost_model
+from megatron_longvila.planning.simulator import Cluster, Link
+from megatron_longvila.planning.workload import GPTShape, Strategy
 
 REPEATS = 5
 

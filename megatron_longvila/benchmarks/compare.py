@@ -14,11 +14,11 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
-from megatron_longvila.benchmarks import cost_model, simulator
 from megatron_longvila.benchmarks.calibration import calibrated_cluster, measure_calibration
-from megatron_longvila.benchmarks.cost_model import Precision, Training
 from megatron_longvila.benchmarks.gpt_step import StepSettings, kernels_in_use, measure_strategy
-from megatron_longvila.benchmarks.workload import GPTShape, Strategy
+from megatron_longvila.planning import cost_model, simulator
+from megatron_longvila.planning.cost_model import Precision, Training
+from megatron_longvila.planning.workload import GPTShape, Strategy
 
 RunOnRanks = Callable[..., list[Any]]
 

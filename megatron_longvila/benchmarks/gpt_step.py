@@ -28,10 +28,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_longvila.benchmarks.cost_model import FUSED_KERNELS, TORCH_KERNELS, Kernels
-from megatron_longvila.benchmarks.workload import GPTShape, Strategy
 from megatron_longvila.core import platform
 from megatron_longvila.core.memory_tracking import TensorMemoryMeter
+from megatron_longvila.planning.cost_model import FUSED_KERNELS, TORCH_KERNELS, Kernels
+from megatron_longvila.planning.workload import GPTShape, Strategy
 
 
 @dataclass(frozen=True)

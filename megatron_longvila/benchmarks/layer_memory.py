@@ -11,8 +11,8 @@ the layer spec of the device) in the current MM-SP groups, and count tensor byte
 * :func:`loss_peak_bytes`: the most bytes held at once by the output layer and the cross entropy
   in forward + backward, beyond their input and weights (their gradients included).
 
-The cost model's :func:`~megatron_longvila.benchmarks.cost_model.layer_activation_bytes` and
-:func:`~megatron_longvila.benchmarks.cost_model.loss_peak_bytes` are checked against these.
+The cost model's :func:`~megatron_longvila.planning.cost_model.layer_activation_bytes` and
+:func:`~megatron_longvila.planning.cost_model.loss_peak_bytes` are checked against these.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from dataclasses import replace
 
 import torch
 
-from megatron_longvila.benchmarks.workload import GPTShape
 from megatron_longvila.core.memory_tracking import TensorMemoryMeter
 from megatron_longvila.models.config import LLMConfig, MemoryConfig
+from megatron_longvila.planning.workload import GPTShape
 
 
 def _llm_config(shape: GPTShape, layers: int) -> LLMConfig:

@@ -16,9 +16,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from megatron_longvila.benchmarks import cost_model
 from megatron_longvila.benchmarks.report import save_json_and_markdown
-from megatron_longvila.benchmarks.workload import LLAMA3_8B, QWEN2_7B, GPTShape, Strategy
+from megatron_longvila.planning import cost_model
+from megatron_longvila.planning.workload import LLAMA3_8B, QWEN2_7B, GPTShape, Strategy
 
 PLAIN = cost_model.NO_MEMORY_OPTIONS
 SETTINGS = {
@@ -92,8 +92,8 @@ def measure(progress=None) -> dict[str, Any]:
 
 def at_scale() -> dict[str, Any]:
     """What the checked formulas predict at full size (bf16, Transformer Engine kernels)."""
-    from megatron_longvila.benchmarks import planner
-    from megatron_longvila.benchmarks.scaling_study import H100_NODES
+    from megatron_longvila.planning import planner
+    from megatron_longvila.planning.clusters import H100_NODES
 
     bf16 = cost_model.Precision()
     tokens, chunk = 16384, cost_model.MODEL_MEMORY_OPTIONS.loss_chunk_tokens

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from megatron_longvila.benchmarks.planner import FAMILIES
 from megatron_longvila.benchmarks.report import save_json_and_markdown
+from megatron_longvila.planning.planner import FAMILIES
 
 RATIOS = ("vs CP+TP", "vs ring-only")
 

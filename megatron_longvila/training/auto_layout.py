@@ -1,8 +1,8 @@
 """``parallel: auto``: the layout a run's YAML leaves to the planner, chosen for an allocation.
 
-The planner (:mod:`megatron_longvila.benchmarks.planner`) prices every tp × ulysses × ring × pp
+The planner (:mod:`megatron_longvila.planning.planner`) prices every tp × ulysses × ring × pp
 layout of the LLM on the allocation with the H100 cluster model
-(:data:`~megatron_longvila.benchmarks.scaling_study.H100_NODES`, ``nproc_per_node`` GPUs per
+(:data:`~megatron_longvila.planning.clusters.H100_NODES`, ``nproc_per_node`` GPUs per
 node), for the YAML's ``data.max_seq_length``, ``data.micro_batch_size`` and
 ``run.micro_batches_per_step`` (per data-parallel rank), and the optimizer shardings the trainer
 runs (replicated, or Megatron's distributed optimizer), with and without full recomputation.
@@ -21,12 +21,12 @@ from typing import Any
 
 import yaml
 
-from megatron_longvila.benchmarks.cost_model import Precision
-from megatron_longvila.benchmarks.planner import BF16, NoLayoutFits, Plan, Search, Workload, choose
-from megatron_longvila.benchmarks.scaling_study import H100_NODES
-from megatron_longvila.benchmarks.simulator import Cluster
-from megatron_longvila.benchmarks.workload import GPTShape
 from megatron_longvila.models.config import LongVILAConfig
+from megatron_longvila.planning.clusters import H100_NODES
+from megatron_longvila.planning.cost_model import Precision
+from megatron_longvila.planning.planner import BF16, NoLayoutFits, Plan, Search, Workload, choose
+from megatron_longvila.planning.simulator import Cluster
+from megatron_longvila.planning.workload import GPTShape
 from megatron_longvila.training.config_io import ConfigError
 
 GiB = 2**30

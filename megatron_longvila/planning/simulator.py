@@ -33,11 +33,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-from megatron_longvila.benchmarks import cost_model
-from megatron_longvila.benchmarks.cost_model import Precision, Training
-from megatron_longvila.benchmarks.workload import GPTShape, Strategy
 from megatron_longvila.core.topology import replicated_kv_heads
 from megatron_longvila.models.config import MemoryConfig
+from megatron_longvila.planning import cost_model
+from megatron_longvila.planning.cost_model import Precision, Training
+from megatron_longvila.planning.workload import GPTShape, Strategy
 
 COLLECTIVE_PASSES = {"all_reduce": 2, "reduce_scatter": 1, "all_gather": 1}
 

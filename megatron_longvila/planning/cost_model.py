@@ -36,10 +36,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from megatron_longvila.benchmarks.workload import GPTShape, Strategy
 from megatron_longvila.core.sequence_parallel import traffic
 from megatron_longvila.core.topology import replicated_kv_heads
 from megatron_longvila.models.config import MemoryConfig
+from megatron_longvila.planning.workload import GPTShape, Strategy
 
 SHARDINGS = ("none", "zero1", "zero3")
 BACKWARD_ATTENTION_FLOPS = 2.5  # flash attention backward / forward (five matmuls vs two)

@@ -29,11 +29,11 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from megatron_longvila.benchmarks import cost_model, simulator
-from megatron_longvila.benchmarks.cost_model import Precision, Training
-from megatron_longvila.benchmarks.simulator import Cluster
-from megatron_longvila.benchmarks.workload import GPTShape, Strategy
 from megatron_longvila.models.config import MemoryConfig
+from megatron_longvila.planning import cost_model, simulator
+from megatron_longvila.planning.cost_model import Precision, Training
+from megatron_longvila.planning.simulator import Cluster
+from megatron_longvila.planning.workload import GPTShape, Strategy
 
 FAMILIES = ("MM-SP", "CP+TP", "hier-CP", "ring-only", "Ulysses-only")
 GiB = 2**30
