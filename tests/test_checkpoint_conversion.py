@@ -93,7 +93,8 @@ def write_hf_source(folder: Path, architecture: str, llm_cfg: LLMConfig) -> HFSo
         folder / "projector" / "model.safetensors",
     )
     (folder / "projector" / "config.json").write_text(
-        json.dumps({"mm_projector_type": "mlp_downsample"}), encoding="utf-8"
+        json.dumps({"mm_projector_type": "mlp_downsample", "token_order": "row_major"}),
+        encoding="utf-8",
     )
     return HFSource.from_parts(folder / "llm", folder / "siglip", folder / "projector", **SETTINGS)
 

@@ -45,8 +45,8 @@ from megatron_longvila.eval.videomme import (
     load_questions,
     run_videomme,
 )
-from megatron_longvila.inference.generate import load_generator
-from megatron_longvila.models.config import ConfigError
+from megatron_longvila.inference.generate import TOKEN_ORDER_HELP, load_generator
+from megatron_longvila.models.config import TOKEN_ORDERS, ConfigError
 
 
 def _int_list(text: str) -> list[int]:
@@ -64,6 +64,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--chat-template", choices=sorted(TEMPLATES))
     model.add_argument("--system-prompt")
     model.add_argument("--model-preset", help="architecture, if the checkpoint records none")
+    model.add_argument("--token-order", choices=TOKEN_ORDERS, help=TOKEN_ORDER_HELP)
     model.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="fp32")
     model.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     model.add_argument("--sp", type=int, help="MM-SP degree (default: world size / tp)")
