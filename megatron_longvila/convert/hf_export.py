@@ -39,6 +39,7 @@ from megatron_longvila.convert.hf_source import (
     VISION_DIR,
 )
 from megatron_longvila.convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES, write_safetensors
+from megatron_longvila.data.tokenizer import has_vocabulary
 from megatron_longvila.models.config import LongVILAConfig
 
 #: Files of a Hugging Face tokenizer folder (whichever exist are copied next to the LLM).
@@ -65,18 +66,13 @@ def _write_json(path: Path, values: dict[str, Any]) -> None:
     path.write_text(json.dumps(values, indent=2) + "\n", encoding="utf-8")
 
 
-def has_tokenizer(folder: Path) -> bool:
-    """Whether ``folder`` holds a Hugging Face tokenizer (a ``tokenizer*`` file)."""
-    return any((folder / n).is_file() for n in TOKENIZER_FILES if n.startswith("tokenizer"))
-
-
 def _is_sentencepiece_file(tokenizer: Path) -> bool:
     return tokenizer.is_file() and tokenizer.suffix == ".model"
 
 
 def check_tokenizer(tokenizer: Path) -> None:
     """Refuse a path that is neither a tokenizer folder nor a sentencepiece ``.model`` file."""
-    if not (_is_sentencepiece_file(tokenizer) or has_tokenizer(tokenizer)):
+    if not (_is_sentencepiece_file(tokenizer) or has_vocabulary(tokenizer)):
         raise ConversionError(f"tokenizer {tokenizer} is not a tokenizer folder or .model file")
 
 
