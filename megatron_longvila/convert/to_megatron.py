@@ -37,9 +37,11 @@ from megatron_longvila.convert.full_tensors import (
     TensorsInSafetensorsFile,
     load_full_tensors_into,
 )
-from megatron_longvila.convert.hf_mapping import ConversionError
+from megatron_longvila.convert.hf_mapping import ConversionError, llm_config_extras
 from megatron_longvila.convert.hf_source import (
+    TOP_CONFIG,
     HFSource,
+    read_json,
     read_longvila_config,
     read_longvila_weights,
 )
@@ -60,6 +62,7 @@ def _train_state(source: HFSource, cfg: LongVILAConfig, seed: int) -> dict[str, 
         tokenizer_path=source.llm.resolve() if has_vocabulary(source.llm) else None,
         num_frames=source.settings.get("num_video_frames"),
         fps=source.settings.get("fps"),
+        hf_llm_config=llm_config_extras(read_json(source.llm / TOP_CONFIG)),
     )
     converted_from = {
         "llm": str(source.llm),

@@ -30,8 +30,14 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_longvila.checkpoint.layout import CheckpointError, resolve_checkpoint_dir
 from megatron_longvila.checkpoint.manager import CheckpointManager
-from megatron_longvila.checkpoint.train_state import model_record
+from megatron_longvila.checkpoint.train_state import (
+    HF_LLM_CONFIG_KEY,
+    model_record,
+    read_train_state,
+)
 from megatron_longvila.convert import HFSource, load_hf_into_model
+from megatron_longvila.convert.hf_mapping import llm_config_extras
+from megatron_longvila.convert.hf_source import LLM_DIR, TOP_CONFIG, read_json
 from megatron_longvila.core import cpu_adaptations, platform
 from megatron_longvila.core.parallel_state import initialize_mmsp
 from megatron_longvila.data.batch import MultimodalBatch
@@ -155,6 +161,17 @@ def load_initial_weights(init: InitConfig, model: list, optimizer: Any) -> None:
     optimizer.reload_model_params()
 
 
+def inherited_llm_extras(init: InitConfig) -> dict[str, Any] | None:
+    """What the Hugging Face LLM a run descends from said beyond the architecture (token ids,
+    ``initializer_range``, ...): ``init.hf``'s, or what ``init.checkpoint`` recorded of it. Kept
+    in the run's checkpoints so that an export writes it back."""
+    if init.hf:
+        return llm_config_extras(read_json(Path(init.hf) / LLM_DIR / TOP_CONFIG))
+    if init.checkpoint:
+        return read_train_state(resolve_checkpoint_dir(init.checkpoint)).get(HF_LLM_CONFIG_KEY)
+    return None
+
+
 # ---- RNG streams --------------------------------------------------------------------------------
 
 
@@ -238,6 +255,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         tokenizer_path=Path(config.data.tokenizer_path).resolve(),
         chat_template=config.data.chat_template,
         num_frames=config.data.num_frames,
+        hf_llm_config=inherited_llm_extras(config.init),
     )
     dtype = precision_of(config)
     model = build_model(config, arch, dtype)
