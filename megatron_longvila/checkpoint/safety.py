@@ -79,12 +79,30 @@ class _AllowListUnpickler(pickle.Unpickler):
 
 
 def verify_checkpoint_metadata(directory: str | Path) -> None:
-    """Refuse a torch_dist checkpoint whose pickled ``.metadata`` holds anything but metadata."""
+    """Refuse a torch_dist checkpoint whose pickled ``.metadata`` holds anything but metadata, or
+    whose data files are missing or shorter than the metadata says."""
     path = Path(directory) / METADATA
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a complete dist checkpoint (no {METADATA})")
     with path.open("rb") as handle:
-        _AllowListUnpickler(io.BufferedReader(handle)).load()
+        metadata = _AllowListUnpickler(io.BufferedReader(handle)).load()
+    _check_storage_files(Path(directory), metadata)
+
+
+def _check_storage_files(directory: Path, metadata: Any) -> None:
+    needed: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        end = info.offset + info.length
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), end)
+    for name, size in sorted(needed.items()):
+        file = directory / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing: the checkpoint's {METADATA} lists it")
+        if file.stat().st_size < size:
+            raise CheckpointError(
+                f"{file} is truncated: {file.stat().st_size} bytes, the checkpoint's {METADATA} "
+                f"places data up to byte {size}"
+            )
 
 
 class SafeLoadPlanner(mcore_torch_strategy.MCoreLoadPlanner):

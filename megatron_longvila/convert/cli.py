@@ -35,6 +35,7 @@ from megatron_longvila.convert import (
     hf_to_megatron,
     megatron_to_hf,
 )
+from megatron_longvila.convert.outputs import describe_os_error
 from megatron_longvila.core import cpu_adaptations, platform
 from megatron_longvila.models.config import TOKEN_ORDERS, ConfigError, LongVILAConfig
 
@@ -154,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {directory} (tp={args.tp}, pp={args.pp})")
     except (ConversionError, CheckpointError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"error: {describe_os_error(error)}", file=sys.stderr)
         return 2
     finally:
         if torch.distributed.is_initialized():
