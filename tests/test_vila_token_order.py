@@ -193,3 +193,34 @@ def test_training_from_a_vila_folder_takes_its_token_order(tmp_path):
         )
     with pytest.raises(ConfigError, match=r"token_order is for a Hugging Face folder"):
         load_train_config(stage, ["init.hf=null", "init.token_order=row_major"], world_size=1)
+
+
+def _start_from_hf(folder: str) -> dict:
+    """This rank's projector weights after a model + megatron optimizer are started from
+    ``folder`` as the trainer starts from ``init.hf`` (fp32: megatron's bf16 optimizer, whose
+    fp32 main copies ``load_initial_weights`` also refreshes, takes CUDA tensors only)."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    from megatron_longvila.models.longvila_step import build_longvila_model
+    from megatron_longvila.training.config import InitConfig
+    from megatron_longvila.training.trainer import load_initial_weights
+
+    parallel_state.initialize_model_parallel()
+    cfg = read_longvila_config(HFSource.from_folder(folder, token_order="column_major"))
+    ddp = DistributedDataParallelConfig(grad_reduce_in_fp32=True)
+    model = build_longvila_model(cfg, ddp_config=ddp, seed=99)
+    optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-3), model)
+    load_initial_weights(InitConfig(hf=folder, token_order="column_major"), model, optimizer)
+    state = model[0].module.state_dict()
+    return {k: v.clone() for k, v in state.items() if k.startswith("mm_projector.")}
+
+
+def test_training_starts_from_the_folders_weights(tmp_path, rank_pools):
+    weights = write_vila_folder(tmp_path, {}, {})
+    loaded = rank_pools(2).run(_start_from_hf, str(tmp_path))[0]
+    vila_names = {"norm": "1", "fc1": "2", "fc2": "4"}
+    for name, value in loaded.items():
+        module, kind = name.removeprefix("mm_projector.").split(".")
+        assert torch.equal(value, weights[f"{vila_names[module]}.{kind}"]), name
