@@ -42,6 +42,8 @@ setup(
         "transformers",
         "tensorboard",
         "matplotlib",
+        # Reads VideoMME's published questions (a parquet file) as they are.
+        "pyarrow",
     ],
     extras_require={
         # apex is built from NVIDIA's source (github.com/NVIDIA/apex); the PyPI package named

@@ -1,4 +1,5 @@
-"""``python -m megatron_longvila.train --config stage.yaml [key=value ...]`` (under torchrun)."""
+"""``python -m megatron_longvila.train stage.yaml [key=value ...]`` (under torchrun; ``--config
+stage.yaml`` works too)."""
 
 import sys
 

@@ -93,7 +93,8 @@ def write_hf_source(folder: Path, architecture: str, llm_cfg: LLMConfig) -> HFSo
         folder / "projector" / "model.safetensors",
     )
     (folder / "projector" / "config.json").write_text(
-        json.dumps({"mm_projector_type": "mlp_downsample"}), encoding="utf-8"
+        json.dumps({"mm_projector_type": "mlp_downsample", "token_order": "row_major"}),
+        encoding="utf-8",
     )
     return HFSource.from_parts(folder / "llm", folder / "siglip", folder / "projector", **SETTINGS)
 
@@ -289,6 +290,13 @@ def test_exported_folder_layout(converted):
     assert projector["mm_projector_type"] == "mlp_downsample"
     assert (hf / "vision_tower" / "preprocessor_config.json").is_file()
     assert (hf / "llm" / "tokenizer.json").is_file()
+    # What the source LLM's config said beyond the architecture comes back (the source has a
+    # non-default initializer_range); the tokenizer's pad id fills in what the source left empty.
+    source_llm = json.loads((converted["source"].llm / "config.json").read_text())
+    exported_llm = json.loads((hf / "llm" / "config.json").read_text())
+    for key in ("initializer_range", "attention_dropout", "use_cache"):
+        assert exported_llm[key] == source_llm[key], key
+    assert source_llm["pad_token_id"] is None and exported_llm["pad_token_id"] == 0
 
 
 # ---- loading HF weights straight into a model; what a rank refuses ------------------------

@@ -145,3 +145,72 @@ def test_metadata_with_foreign_objects_is_refused(tmp_path):
 def test_load_without_checkpoint_names_the_root(tmp_path):
     with pytest.raises(CheckpointError, match=str(tmp_path)):
         CheckpointManager(tmp_path).load({})
+
+
+class _TouchOnLoad:
+    """Unpickling it runs a shell command: creates ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _first_byte_entry(directory: Path) -> tuple[str, Path, int, int]:
+    """(key, file, offset, length) of a byte entry (a layer's ``_extra_state``) of a checkpoint."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    metadata = FileSystemReader(str(directory)).read_metadata()
+    for index, info in sorted(metadata.storage_data.items(), key=lambda item: item[0].fqn):
+        if isinstance(metadata.state_dict_metadata[index.fqn], BytesStorageMetadata):
+            return index.fqn, directory / info.relative_path, info.offset, info.length
+    raise AssertionError(f"{directory} holds no byte entry")
+
+
+def _load_refusals(root: str) -> list[str]:
+    """Every way a rank loads a dist checkpoint (resume / init.checkpoint, inference weights);
+    what each refused with."""
+    from megatron_longvila.checkpoint.manager import load_model_weights
+
+    _, _, model, optimizer = _model_and_optimizer(2)
+    refusals = []
+    for load in (
+        lambda: CheckpointManager(root).load(_state(model, optimizer)),
+        lambda: load_model_weights(model.module, CheckpointManager(root).latest_dir()),
+    ):
+        try:
+            load()
+            refusals.append("")
+        except CheckpointError as error:
+            refusals.append(str(error))
+    return refusals
+
+
+def test_tampered_pickles_inside_a_checkpoint_never_run(ranks2, tmp_path):
+    root = tmp_path / "ckpt"
+    ranks2.run(_save_after_steps, str(root), 2, [1])
+    directory = root / "iter_0000001"
+    marker = tmp_path / "ran"
+    payload = pickle.dumps(_TouchOnLoad(marker), protocol=2)
+
+    # A byte entry of a __*.distcp file, overwritten in place: torch's own planner would run it.
+    key, distcp, offset, length = _first_byte_entry(directory)
+    assert key.endswith("_extra_state/shard_0_2") and len(payload) < length
+    original = distcp.read_bytes()
+    distcp.write_bytes(
+        original[:offset] + payload.ljust(length, b"\0") + original[offset + length :]
+    )
+    for refusal in ranks2.run(_load_refusals, str(root))[0]:
+        assert str(distcp) in refusal and repr(key) in refusal, refusal
+        assert "system" in refusal, refusal
+    assert not marker.exists()
+
+    # common.pt (megatron's non-tensor state) is held to the same rule.
+    distcp.write_bytes(original)
+    common = directory / "common.pt"
+    torch.save(_TouchOnLoad(marker), common)
+    for refusal in ranks2.run(_load_refusals, str(root))[0]:
+        assert str(common) in refusal and "system" in refusal, refusal
+    assert not marker.exists()

@@ -161,3 +161,20 @@ def test_sentencepiece_model_gets_appended_special_ids():
 def test_bad_conversations_are_refused_with_the_reason(turns, message):
     with pytest.raises(ConversationError, match=message):
         normalize_conversation(turns)
+
+
+def test_a_folder_without_tokenizer_files_is_refused(tmp_path):
+    """transformers 5 loads an "empty" tokenizer from a bare LLM folder; the placeholders would
+    then take ids 1 and 2, real vocabulary tokens of the model."""
+    from transformers import Qwen2Config
+
+    from megatron_longvila.convert import ConversionError, HFSource, read_longvila_config
+
+    llm = tmp_path / "llm"
+    Qwen2Config(vocab_size=64, hidden_size=8, num_hidden_layers=1).save_pretrained(llm)
+    (llm / "tokenizer_config.json").write_text('{"model_max_length": 128}')  # settings only
+    with pytest.raises(ValueError, match=f"no usable tokenizer in {llm}"):
+        load_tokenizer(llm)
+    # Converting such a folder without the ids given names it too (before reading the tower).
+    with pytest.raises(ConversionError, match=f"no usable tokenizer in {llm}"):
+        read_longvila_config(HFSource.from_parts(llm, tmp_path / "siglip"))

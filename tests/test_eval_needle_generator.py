@@ -137,13 +137,12 @@ def cli_sp2(root: str, haystack: str, out_dir: str) -> int:
     """Both sweeps, VideoMME and captioning through the CLI's functions at SP = 2; returns how
     many times this rank wrote a results file."""
     from megatron_longvila.eval import results_file
-    from megatron_longvila.eval.cli import (
-        load_predictor,
-        parse_args,
-        run_caption,
-        run_needle,
-        run_videomme_cli,
-    )
+    from megatron_longvila.eval.cli import COMMANDS, load_predictor, parse_args
+
+    def run(argv: list[str]) -> dict:  # as main does: the inputs first, then the command
+        args = parse_args(argv)
+        read_inputs, command = COMMANDS[args.command]
+        return command(args, read_inputs(args), predictor)
 
     writes = []
     write = results_file.write_json_atomic
@@ -152,15 +151,15 @@ def cli_sp2(root: str, haystack: str, out_dir: str) -> int:
         outputs = {s: Path(out_dir) / f"sp2_{s}.json" for s in ("options", "exact")}
         predictor = load_predictor(parse_args(_cli_args(root, haystack, outputs["options"], "")))
         for scoring, output in outputs.items():
-            run_needle(parse_args(_cli_args(root, haystack, output, scoring)), predictor)
+            run(_cli_args(root, haystack, output, scoring))
         bench, out = Path(out_dir) / "bench", Path(out_dir)
         common = ["--checkpoint", root, "--max-new-tokens", str(NEW_TOKENS)]
         videomme = ["videomme", *common, "--output", str(out / "sp2_videomme.json")]
         videomme += ["--questions", str(bench / "questions.json")]
         videomme += ["--videos", str(bench / "videos"), "--subtitles", str(bench / "subtitles")]
-        run_videomme_cli(parse_args(videomme), predictor)
+        run(videomme)
         caption = ["caption", *common, "--output", str(out / "sp2_captions.json")]
-        run_caption(parse_args([*caption, "--items", str(bench / "captions.jsonl")]), predictor)
+        run([*caption, "--items", str(bench / "captions.jsonl")])
     finally:
         results_file.write_json_atomic = write
     return len(writes)

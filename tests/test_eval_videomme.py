@@ -190,3 +190,60 @@ def test_bad_questions_are_named(tmp_path):
         _load([{"videoID": "v", "question": "Q?", "options": OPTIONS}], tmp_path)
     with pytest.raises(FileNotFoundError, match="question file"):
         load_questions(tmp_path / "none.json")
+
+
+PUBLISHED_COLUMNS = (  # VideoMME's test parquet, in its order
+    "video_id",
+    "duration",
+    "domain",
+    "sub_category",
+    "url",
+    "videoID",
+    "question_id",
+    "task_type",
+    "question",
+    "options",
+    "answer",
+)
+
+
+def _published_parquet(benchmark, path: Path) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [
+        json.loads(line) for line in (benchmark["root"] / "flat.jsonl").read_text().splitlines()
+    ]
+    extra = {"domain": "Knowledge", "sub_category": "Humanity & History", "url": "https://x"}
+    table = {name: [{**extra, **row}[name] for row in rows] for name in PUBLISHED_COLUMNS}
+    pq.write_table(pa.table(table), path)
+    return path
+
+
+def test_the_published_parquet_reads_as_is(benchmark, tmp_path):
+    path = _published_parquet(benchmark, tmp_path / "test-00000-of-00001.parquet")
+    assert load_questions(path) == benchmark["questions"]
+
+
+def test_the_command_reads_its_questions_before_loading_the_model(
+    benchmark, tmp_path, monkeypatch, capsys
+):
+    import sys
+
+    from megatron_longvila.eval import cli
+
+    def no_model(args):
+        raise AssertionError("the model was loaded before the questions were read")
+
+    monkeypatch.setattr(cli, "load_predictor", no_model)
+    parquet = _published_parquet(benchmark, tmp_path / "questions.parquet")
+    broken = tmp_path / "broken.json"
+    broken.write_text(json.dumps([{"question_id": "x", "videoID": "v", "question": "?"}]))
+    argv = ["videomme", "--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "o")]
+    argv += ["--videos", str(benchmark["root"] / "videos")]
+    assert cli.main([*argv, "--questions", str(broken)]) == 2
+    assert "question x: missing fields ['options', 'answer']" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # not installed
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    assert cli.main([*argv, "--questions", str(parquet)]) == 2
+    assert f"reading {parquet} needs pyarrow" in capsys.readouterr().err

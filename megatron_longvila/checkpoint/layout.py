@@ -67,6 +67,13 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
+    if path.name.endswith(PARTIAL_SUFFIX):
+        latest = latest_dir(path.parent)
+        hint = f"; the newest complete one there is {latest}" if latest else ""
+        raise CheckpointError(
+            f"{path} is an unfinished checkpoint (a save that was interrupted or is still "
+            f"running): it is never loaded{hint}"
+        )
     if is_dist_checkpoint(path):
         return path
     latest = latest_dir(path)

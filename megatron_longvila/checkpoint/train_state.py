@@ -8,7 +8,9 @@ training config, read by inference and the converter:
   token ids; older saves carry only ``config.model`` (preset + overrides), which is built;
 * ``tokenizer_path`` (else ``config.data.tokenizer_path``): the tokenizer folder or file;
 * ``chat_template``: the prompt format it was trained with;
-* ``num_video_frames`` and ``fps`` (else ``config.data.num_frames`` / ``fps``).
+* ``num_video_frames`` and ``fps`` (else ``config.data.num_frames`` / ``fps``);
+* ``hf_llm_config``: what the Hugging Face LLM the weights came from said beyond the
+  architecture (token ids, ``initializer_range``, ...), for the export back.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ MODEL_CONFIG_KEY = "model_config"
 TOKENIZER_KEY = "tokenizer_path"
 CHAT_TEMPLATE_KEY = "chat_template"
 FRAMES_KEY = "num_video_frames"
+HF_LLM_CONFIG_KEY = "hf_llm_config"
 
 
 def model_record(
@@ -32,6 +35,7 @@ def model_record(
     chat_template: str | None = None,
     num_frames: int | None = None,
     fps: float | None = None,
+    hf_llm_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The train-state entries that let inference rebuild the model and its prompt format from
     the checkpoint alone (``CheckpointManager.save(..., train_state=)``)."""
@@ -41,6 +45,7 @@ def model_record(
         CHAT_TEMPLATE_KEY: chat_template,
         FRAMES_KEY: num_frames,
         "fps": fps,
+        HF_LLM_CONFIG_KEY: hf_llm_config or None,
     }
     return {key: value for key, value in record.items() if value is not None}
 

@@ -35,8 +35,9 @@ from megatron_longvila.convert import (
     hf_to_megatron,
     megatron_to_hf,
 )
+from megatron_longvila.convert.outputs import describe_os_error
 from megatron_longvila.core import cpu_adaptations, platform
-from megatron_longvila.models.config import ConfigError, LongVILAConfig
+from megatron_longvila.models.config import TOKEN_ORDERS, ConfigError, LongVILAConfig
 
 
 def _model_config(value: str | None) -> LongVILAConfig | None:
@@ -79,7 +80,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     to_mg.add_argument("--video-token-id", type=int, help="id of <video> (default: config)")
     to_mg.add_argument("--select-layer", type=int, help="vision layer fed to the projector")
     to_mg.add_argument("--vocab-pad-multiple", type=int, help="embedding rows rounded up to it")
-    to_mg.add_argument("--token-order", choices=("row_major", "column_major"))
+    to_mg.add_argument(
+        "--token-order", choices=TOKEN_ORDERS, help="of the projector, if the folder cannot tell"
+    )
     to_mg.add_argument("--num-frames", type=int, help="frames per video to record")
 
     for command in (to_hf, to_mg):
@@ -152,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"wrote {directory} (tp={args.tp}, pp={args.pp})")
     except (ConversionError, CheckpointError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"error: {describe_os_error(error)}", file=sys.stderr)
         return 2
     finally:
         if torch.distributed.is_initialized():

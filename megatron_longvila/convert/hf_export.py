@@ -39,6 +39,7 @@ from megatron_longvila.convert.hf_source import (
     VISION_DIR,
 )
 from megatron_longvila.convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES, write_safetensors
+from megatron_longvila.data.tokenizer import has_vocabulary
 from megatron_longvila.models.config import LongVILAConfig
 
 #: Files of a Hugging Face tokenizer folder (whichever exist are copied next to the LLM).
@@ -65,18 +66,13 @@ def _write_json(path: Path, values: dict[str, Any]) -> None:
     path.write_text(json.dumps(values, indent=2) + "\n", encoding="utf-8")
 
 
-def has_tokenizer(folder: Path) -> bool:
-    """Whether ``folder`` holds a Hugging Face tokenizer (a ``tokenizer*`` file)."""
-    return any((folder / n).is_file() for n in TOKENIZER_FILES if n.startswith("tokenizer"))
-
-
 def _is_sentencepiece_file(tokenizer: Path) -> bool:
     return tokenizer.is_file() and tokenizer.suffix == ".model"
 
 
 def check_tokenizer(tokenizer: Path) -> None:
     """Refuse a path that is neither a tokenizer folder nor a sentencepiece ``.model`` file."""
-    if not (_is_sentencepiece_file(tokenizer) or has_tokenizer(tokenizer)):
+    if not (_is_sentencepiece_file(tokenizer) or has_vocabulary(tokenizer)):
         raise ConversionError(f"tokenizer {tokenizer} is not a tokenizer folder or .model file")
 
 
@@ -96,8 +92,25 @@ def _dtype_name(tensors: Mapping[str, torch.Tensor]) -> str:
     return str(next(iter(tensors.values())).dtype).removeprefix("torch.")
 
 
-def _llm_config(cfg: LongVILAConfig, dtype: str) -> Any:
-    config = llm_config_to_hf(cfg.llm, llm_architecture(cfg))
+#: The token ids an LLM config names; a tokenizer that defines one fills it in where the source
+#: LLM's config did not.
+_TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def tokenizer_token_ids(tokenizer: Path | None, vocab_size: int) -> dict[str, int]:
+    """bos / eos / pad ids a Hugging Face tokenizer folder defines (ids inside the model's
+    ``vocab_size`` only: transformers sizes the embedding's padding row by ``pad_token_id``)."""
+    if tokenizer is None or not has_vocabulary(tokenizer):
+        return {}
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True)
+    ids = {key: getattr(loaded, key, None) for key in _TOKEN_ID_KEYS}
+    return {k: v for k, v in ids.items() if isinstance(v, int) and 0 <= v < vocab_size}
+
+
+def _llm_config(cfg: LongVILAConfig, dtype: str, extras: Mapping[str, Any]) -> Any:
+    config = llm_config_to_hf(cfg.llm, llm_architecture(cfg), dict(extras))
     config.architectures = [
         "Qwen2ForCausalLM" if llm_architecture(cfg) == "qwen2" else "LlamaForCausalLM"
     ]
@@ -177,17 +190,21 @@ def write_longvila_folder(
     hf_parts: Mapping[str, Mapping[str, torch.Tensor]],
     *,
     tokenizer: Path | None,
+    llm_extras: Mapping[str, Any] | None = None,
     num_frames: int,
     fps: float | None = None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = False,
 ) -> None:
     """Write the folder into ``output`` (an empty folder); ``hf_parts`` holds each part's tensors
-    in transformers/VILA names; ``tokenizer`` None writes the LLM without tokenizer files."""
+    in transformers/VILA names; ``tokenizer`` None writes the LLM without tokenizer files.
+    ``llm_extras`` (what the source LLM's config said beyond the architecture) are kept in
+    ``llm/config.json``, and bos / eos / pad ids the tokenizer defines fill in what they lack."""
     folders = {part: output / part for part in (LLM_DIR, VISION_DIR, PROJECTOR_DIR)}
     for folder in folders.values():
         folder.mkdir()
-    llm_config = _llm_config(cfg, _dtype_name(hf_parts[LLM_DIR]))
+    extras = {**tokenizer_token_ids(tokenizer, cfg.llm.vocab_size), **(llm_extras or {})}
+    llm_config = _llm_config(cfg, _dtype_name(hf_parts[LLM_DIR]), extras)
     llm_config.save_pretrained(str(folders[LLM_DIR]))
     if tokenizer is not None:
         copy_tokenizer(tokenizer, folders[LLM_DIR])

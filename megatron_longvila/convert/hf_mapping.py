@@ -245,8 +245,49 @@ def _rope_scaling_from_hf(params: dict[str, Any]) -> RopeScaling | None:
     raise ConversionError(f"LLM config: RoPE type {kind!r} is not supported (linear, llama3)")
 
 
-def llm_config_to_hf(cfg: LLMConfig, architecture: Literal["qwen2", "llama"]) -> Any:
-    """A transformers ``Qwen2Config``/``LlamaConfig`` describing ``cfg``."""
+#: Keys of a transformers LLM config that :func:`llm_config_to_hf` derives from our LLMConfig
+#: (or that describe the file, not the model); every other key is kept as the source had it.
+_DERIVED_LLM_KEYS = frozenset(
+    {
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "head_dim",
+        "rms_norm_eps",
+        "rope_parameters",
+        "rope_theta",
+        "rope_scaling",
+        "tie_word_embeddings",
+        "max_position_embeddings",
+        "hidden_act",
+        "attention_bias",
+        "mlp_bias",
+        "use_sliding_window",
+        "layer_types",
+        "model_type",
+        "architectures",
+        "dtype",
+        "torch_dtype",
+        "transformers_version",
+        "_name_or_path",
+    }
+)
+
+
+def llm_config_extras(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """What a transformers LLM config (as a dict) says beyond the architecture: token ids,
+    ``initializer_range``, dropout, cache settings and the like (``None`` values left out)."""
+    return {k: v for k, v in hf_config.items() if k not in _DERIVED_LLM_KEYS and v is not None}
+
+
+def llm_config_to_hf(
+    cfg: LLMConfig, architecture: Literal["qwen2", "llama"], extras: dict[str, Any] | None = None
+) -> Any:
+    """A transformers ``Qwen2Config``/``LlamaConfig`` describing ``cfg``, carrying ``extras``
+    (:func:`llm_config_extras` of the source) besides."""
     from transformers import LlamaConfig, Qwen2Config
 
     if architecture == "qwen2" and not cfg.qkv_bias:
@@ -265,6 +306,7 @@ def llm_config_to_hf(cfg: LLMConfig, architecture: Literal["qwen2", "llama"]) ->
             }
     cls = Qwen2Config if architecture == "qwen2" else LlamaConfig
     return cls(
+        **llm_config_extras(extras or {}),
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         num_hidden_layers=cfg.num_layers,

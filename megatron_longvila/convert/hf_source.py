@@ -10,7 +10,7 @@ What the parts' own configs do not say comes from :attr:`HFSource.settings` (top
 ``config.json`` keys, overridable): ``image_token_id`` / ``video_token_id`` (else looked up in
 the LLM folder's tokenizer the way the data pipeline registers ``<image>`` / ``<video>``),
 ``mm_vision_select_layer`` (-2), ``vocab_pad_multiple`` (128), ``max_seq_length``,
-``token_order`` (of the projector; else its config's, else row-major).
+``token_order`` (of the projector: see :func:`projector_token_order`).
 """
 
 from __future__ import annotations
@@ -35,6 +35,14 @@ from megatron_longvila.models.config import LongVILAConfig, ProjectorConfig
 LLM_DIR, VISION_DIR, PROJECTOR_DIR = "llm", "vision_tower", "mm_projector"
 TOP_CONFIG = "config.json"
 PROJECTOR_TYPE = "mlp_downsample"
+#: Top-level config keys that VILA's code writes from its Dec 2024 (NVILA) release on; that code
+#: orders merged tokens row-major.
+NVILA_KEYS = ("dynamic_s2", "image_encoder", "video_encoder")
+#: The transformers release (Oct 2024) that VILA moved to with NVILA: a VILA folder saved with an
+#: older one comes from the 2024 code (LongVILA's release), which orders them column-major.
+NVILA_TRANSFORMERS = (4, 46)
+#: Where a user gives the order when a folder cannot tell it.
+TOKEN_ORDER_OPTION = "--token-order row_major|column_major (init.token_order in a training config)"
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -92,17 +100,63 @@ def _siglip_vision_config(folder: Path) -> Any:
     return config.vision_config if config.model_type == "siglip" else config
 
 
+def _projector_values(source: HFSource) -> dict[str, Any]:
+    return read_json(source.mm_projector / TOP_CONFIG) if source.mm_projector else {}
+
+
+def read_token_order(source: HFSource) -> str:
+    """The token order of ``source``'s projector (:func:`projector_token_order`)."""
+    return projector_token_order(source, _projector_values(source))
+
+
 def _projector_config(source: HFSource) -> ProjectorConfig:
-    values = read_json(source.mm_projector / TOP_CONFIG) if source.mm_projector else {}
+    values = _projector_values(source)
     kind = values.get("mm_projector_type", PROJECTOR_TYPE)
     if kind != PROJECTOR_TYPE:
         raise ConversionError(
             f"{source.mm_projector}: mm_projector_type {kind!r} is not {PROJECTOR_TYPE!r}"
         )
-    known = {k: values[k] for k in ("token_order", "layer_norm_eps") if k in values}
-    if "token_order" in source.settings:
-        known["token_order"] = source.settings["token_order"]
-    return ProjectorConfig(**known)
+    known = {k: values[k] for k in ("layer_norm_eps",) if k in values}
+    return ProjectorConfig(token_order=projector_token_order(source, values), **known)
+
+
+def projector_token_order(source: HFSource, projector: dict[str, Any]) -> str:
+    """The order of the merged visual tokens that ``source``'s projector was trained with.
+
+    ``projector`` is its ``config.json``. Taken from, first to last: ``token_order`` in the
+    settings (the caller's option or the top-level config), in the projector's config; row-major
+    for a fresh projector; row-major when the top-level config has a key of VILA's code from Dec
+    2024 on (:data:`NVILA_KEYS`); column-major when the folder was saved with transformers older
+    than 4.46 (VILA's 2024 code). Otherwise refused: a wrong order gives wrong visual tokens
+    without any error.
+    """
+    settings = source.settings
+    if "token_order" in settings:
+        return settings["token_order"]
+    if "token_order" in projector:
+        return projector["token_order"]
+    if source.mm_projector is None:
+        return "row_major"
+    if any(key in settings for key in NVILA_KEYS):
+        return "row_major"
+    version = projector.get("transformers_version") or settings.get("transformers_version")
+    if version is not None and _release(str(version)) < NVILA_TRANSFORMERS:
+        return "column_major"
+    raise ConversionError(
+        f"{source.mm_projector}: cannot tell the order of the merged visual tokens (VILA's code "
+        "of 2024 orders them column-major, its code from Dec 2024 row-major): the folder records "
+        f"no token_order, none of {', '.join(NVILA_KEYS)} and no transformers_version before "
+        f"{'.'.join(map(str, NVILA_TRANSFORMERS))}; give it with {TOKEN_ORDER_OPTION}"
+    )
+
+
+def _release(version: str) -> tuple[int, int]:
+    """``"4.37.2"`` -> ``(4, 37)``."""
+    try:
+        major, minor = version.split(".")[:2]
+        return int(major), int(minor)
+    except ValueError:
+        raise ConversionError(f"transformers_version {version!r} is not a version") from None
 
 
 def _media_token_ids(source: HFSource) -> tuple[int, int]:

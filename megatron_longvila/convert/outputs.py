@@ -1,9 +1,11 @@
-"""Where a conversion writes: never over existing files unless asked."""
+"""Where a conversion writes: never over existing files unless asked, never half-written."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from megatron_longvila.convert.hf_mapping import ConversionError
@@ -34,3 +36,40 @@ def prepare_output(output: str | Path, force: bool, inputs: Iterable[str | Path]
         shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
     return output
+
+
+@contextlib.contextmanager
+def staged_output(
+    output: str | Path, force: bool, inputs: Iterable[str | Path] = ()
+) -> Iterator[Path]:
+    """An empty staging folder beside ``output`` (see :func:`check_output`) that takes its place
+    when the block ends; if the block fails, the staging folder goes and ``output`` stays as it
+    was. Failures to write come out as :class:`ConversionError` naming the file."""
+    output = check_output(output, force, inputs)
+    staging = output.with_name(f".{output.name}.partial-{os.getpid()}")
+    previous = output.with_name(f".{output.name}.replaced-{os.getpid()}")
+    try:
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            yield staging
+            if output.exists():
+                os.rename(output, previous)
+            try:
+                os.rename(staging, output)
+            except OSError:
+                if previous.exists():
+                    os.rename(previous, output)
+                raise
+        except OSError as error:
+            raise ConversionError(f"cannot write {output}: {describe_os_error(error)}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def describe_os_error(error: OSError) -> str:
+    """``reason (file)``: what failed and, where the error knows it, on which file."""
+    reason = error.strerror or str(error)
+    return f"{reason} ({error.filename})" if error.filename else reason

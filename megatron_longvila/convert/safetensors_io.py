@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -52,7 +53,11 @@ def save_tensors_file(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
         shares = storage in seen or tensor.untyped_storage().nbytes() != _nbytes(tensor)
         own[name] = tensor.detach().contiguous().clone() if shares else tensor.detach()
         seen.add(storage)
-    save_file(own, str(path), metadata={"format": "pt"})
+    try:
+        save_file(own, str(path), metadata={"format": "pt"})
+    except (OSError, SafetensorError) as error:  # safetensors reports I/O errors as its own
+        reason = getattr(error, "strerror", None) or str(error)
+        raise OSError(getattr(error, "errno", None), reason, str(path)) from None
 
 
 def write_safetensors(

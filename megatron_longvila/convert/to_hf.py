@@ -14,6 +14,7 @@ import torch
 from megatron_longvila.checkpoint.layout import resolve_checkpoint_dir
 from megatron_longvila.checkpoint.tensors import read_model_tensors
 from megatron_longvila.checkpoint.train_state import (
+    HF_LLM_CONFIG_KEY,
     architecture_from_train_state,
     frames_from_train_state,
     read_train_state,
@@ -21,7 +22,7 @@ from megatron_longvila.checkpoint.train_state import (
 )
 from megatron_longvila.convert.hf_export import check_tokenizer, write_longvila_folder
 from megatron_longvila.convert.hf_mapping import ConversionError
-from megatron_longvila.convert.outputs import check_output, prepare_output
+from megatron_longvila.convert.outputs import check_output, staged_output
 from megatron_longvila.convert.parts import hf_parts_from_state
 from megatron_longvila.convert.safetensors_io import DEFAULT_MAX_SHARD_BYTES
 from megatron_longvila.data.config import DataConfig
@@ -47,7 +48,8 @@ def megatron_to_hf(
 
     ``config`` / ``tokenizer`` / ``num_frames`` default to what the checkpoint's train state
     records (frames: the data pipeline's default if nothing is recorded); ``dtype`` casts the
-    weights (default: as saved). ``output`` must be empty or missing unless ``force``.
+    weights (default: as saved). ``output`` must be empty or missing unless ``force``; the folder
+    is written beside it and renamed into place, so a failed export leaves ``output`` as it was.
     Returns the checkpoint folder that was exported.
     """
     directory = resolve_checkpoint_dir(checkpoint)
@@ -71,14 +73,16 @@ def megatron_to_hf(
     if dtype is not None:
         tensors = {name: t.to(dtype) for name, t in tensors.items()}
     hf_parts = hf_parts_from_state(tensors, cfg)  # shape errors before the output is touched
-    write_longvila_folder(
-        prepare_output(output, force, inputs=[directory]),
-        cfg,
-        hf_parts,
-        tokenizer=None if skip_tokenizer else Path(tokenizer),
-        num_frames=num_frames or recorded_frames or _DEFAULT_FRAMES,
-        fps=fps,
-        max_shard_bytes=max_shard_bytes,
-        progress=progress,
-    )
+    with staged_output(output, force, inputs=[directory]) as staging:
+        write_longvila_folder(
+            staging,
+            cfg,
+            hf_parts,
+            tokenizer=None if skip_tokenizer else Path(tokenizer),
+            llm_extras=state.get(HF_LLM_CONFIG_KEY),
+            num_frames=num_frames or recorded_frames or _DEFAULT_FRAMES,
+            fps=fps,
+            max_shard_bytes=max_shard_bytes,
+            progress=progress,
+        )
     return directory

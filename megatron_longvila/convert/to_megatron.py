@@ -37,15 +37,17 @@ from megatron_longvila.convert.full_tensors import (
     TensorsInSafetensorsFile,
     load_full_tensors_into,
 )
-from megatron_longvila.convert.hf_export import has_tokenizer
-from megatron_longvila.convert.hf_mapping import ConversionError
+from megatron_longvila.convert.hf_mapping import ConversionError, llm_config_extras
 from megatron_longvila.convert.hf_source import (
+    TOP_CONFIG,
     HFSource,
+    read_json,
     read_longvila_config,
     read_longvila_weights,
 )
 from megatron_longvila.convert.outputs import check_output, prepare_output
 from megatron_longvila.convert.safetensors_io import save_tensors_file
+from megatron_longvila.data.tokenizer import has_vocabulary
 from megatron_longvila.models.config import LongVILAConfig
 
 STAGING_DIR = ".staging"
@@ -57,9 +59,10 @@ def _train_state(source: HFSource, cfg: LongVILAConfig, seed: int) -> dict[str, 
     projector = str(source.mm_projector) if source.mm_projector else f"fresh (seed {seed})"
     record = model_record(
         cfg,
-        tokenizer_path=source.llm.resolve() if has_tokenizer(source.llm) else None,
+        tokenizer_path=source.llm.resolve() if has_vocabulary(source.llm) else None,
         num_frames=source.settings.get("num_video_frames"),
         fps=source.settings.get("fps"),
+        hf_llm_config=llm_config_extras(read_json(source.llm / TOP_CONFIG)),
     )
     converted_from = {
         "llm": str(source.llm),

@@ -18,6 +18,22 @@ IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"
 PAD_TOKEN = "<pad>"
 MEDIA_TOKENS = {"image": IMAGE_TOKEN, "video": VIDEO_TOKEN}
+#: Files that hold a Hugging Face tokenizer's vocabulary. A folder with none of them has no
+#: tokenizer: transformers 5 would load an empty one (from config.json alone), whose first added
+#: tokens then take ids of real vocabulary tokens.
+VOCABULARY_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def has_vocabulary(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a Hugging Face tokenizer's vocabulary (:data:`VOCABULARY_FILES`)."""
+    return any((Path(folder) / name).is_file() for name in VOCABULARY_FILES)
 
 
 class TextTokenizer:
@@ -61,9 +77,18 @@ class HFTokenizer(TextTokenizer):
         from tokenizers import AddedToken
         from transformers import AutoTokenizer
 
+        if not has_vocabulary(folder):
+            raise ValueError(
+                f"no usable tokenizer in {folder}: it has none of {', '.join(VOCABULARY_FILES)}"
+            )
         self.hf = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
         wanted = list(dict.fromkeys([IMAGE_TOKEN, VIDEO_TOKEN, *special_tokens]))
         vocab = self.hf.get_vocab()
+        if len(vocab) <= len(self.hf.all_special_tokens):
+            raise ValueError(
+                f"no usable tokenizer in {folder}: it loads with {len(vocab)} tokens, special "
+                "tokens only"
+            )
         missing = [t for t in wanted if t not in vocab]
         if missing:
             self.hf.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing])

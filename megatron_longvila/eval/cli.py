@@ -41,12 +41,13 @@ from megatron_longvila.eval.results_file import is_rank0
 from megatron_longvila.eval.videomme import (
     MODES,
     VARIANTS,
+    VideoMMEQuestion,
     VideoMMESettings,
     load_questions,
     run_videomme,
 )
-from megatron_longvila.inference.generate import load_generator
-from megatron_longvila.models.config import ConfigError
+from megatron_longvila.inference.generate import TOKEN_ORDER_HELP, load_generator
+from megatron_longvila.models.config import TOKEN_ORDERS, ConfigError
 
 
 def _int_list(text: str) -> list[int]:
@@ -64,6 +65,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--chat-template", choices=sorted(TEMPLATES))
     model.add_argument("--system-prompt")
     model.add_argument("--model-preset", help="architecture, if the checkpoint records none")
+    model.add_argument("--token-order", choices=TOKEN_ORDERS, help=TOKEN_ORDER_HELP)
     model.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="fp32")
     model.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     model.add_argument("--sp", type=int, help="MM-SP degree (default: world size / tp)")
@@ -151,7 +153,7 @@ def _haystack(args: argparse.Namespace) -> Haystack:
     return Haystack(path)
 
 
-def run_needle(args: argparse.Namespace, predictor: GeneratorPredictor) -> dict:
+def run_needle(args: argparse.Namespace, haystack: Haystack, predictor: GeneratorPredictor) -> dict:
     settings = NeedleSettings(
         frame_counts=args.frame_counts,
         depths=args.depths,
@@ -163,9 +165,7 @@ def run_needle(args: argparse.Namespace, predictor: GeneratorPredictor) -> dict:
         question=args.question,
         seed=args.seed,
     )
-    summary = run_needle_eval(
-        predictor, _haystack(args), settings, args.output, resume=not args.restart
-    )
+    summary = run_needle_eval(predictor, haystack, settings, args.output, resume=not args.restart)
     if is_rank0():
         heatmap = args.heatmap or args.output.with_suffix(".png")
         grid = summary["grid"]
@@ -174,10 +174,11 @@ def run_needle(args: argparse.Namespace, predictor: GeneratorPredictor) -> dict:
     return summary
 
 
-def run_videomme_cli(args: argparse.Namespace, predictor: GeneratorPredictor) -> dict:
+def run_videomme_cli(
+    args: argparse.Namespace, questions: list[VideoMMEQuestion], predictor: GeneratorPredictor
+) -> dict:
     variants = args.variants or (list(VARIANTS) if args.subtitles else ["without_subtitles"])
     settings = VideoMMESettings(args.num_frames, args.mode, variants, args.max_new_tokens)
-    questions = load_questions(args.questions)
     return run_videomme(
         predictor,
         questions,
@@ -189,8 +190,7 @@ def run_videomme_cli(args: argparse.Namespace, predictor: GeneratorPredictor) ->
     )
 
 
-def run_caption(args: argparse.Namespace, predictor: GeneratorPredictor) -> dict:
-    items = load_caption_items(args.items, args.videos_root)
+def run_caption(args: argparse.Namespace, items: list, predictor: GeneratorPredictor) -> dict:
     judge = HFCausalLMJudge(args.judge) if args.judge is not None and is_rank0() else None
     settings = CaptionSettings(args.prompt, args.num_frames, args.max_new_tokens)
     return run_captioning(predictor, items, settings, args.output, judge, resume=not args.restart)
@@ -214,7 +214,12 @@ def check_inputs(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"{what} {path} does not exist")
 
 
-COMMANDS = {"needle": run_needle, "videomme": run_videomme_cli, "caption": run_caption}
+#: command: (read its inputs, before the model loads; run it on them)
+COMMANDS = {
+    "needle": (_haystack, run_needle),
+    "videomme": (lambda args: load_questions(args.questions), run_videomme_cli),
+    "caption": (lambda args: load_caption_items(args.items, args.videos_root), run_caption),
+}
 
 
 def _percent(value: float | None) -> str:
@@ -264,8 +269,17 @@ def main(argv: list[str] | None = None) -> int:
     platform.init_distributed()
     try:
         check_inputs(args)
-        summary = COMMANDS[args.command](args, load_predictor(args))
-    except (CheckpointError, ConfigError, ValueError, VideoDecodeError, FileNotFoundError) as exc:
+        read_inputs, run = COMMANDS[args.command]
+        inputs = read_inputs(args)  # a bad question file fails in seconds, not after the model
+        summary = run(args, inputs, load_predictor(args))
+    except (
+        CheckpointError,
+        ConfigError,
+        ValueError,
+        VideoDecodeError,
+        FileNotFoundError,
+        ImportError,
+    ) as exc:
         if is_rank0():
             print(f"error: {exc}", file=sys.stderr)
         dist.destroy_process_group()

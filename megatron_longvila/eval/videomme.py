@@ -92,6 +92,7 @@ def load_questions(path: str | Path) -> list[VideoMMEQuestion]:
             import pyarrow.parquet as pq
         except ImportError:
             raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow)") from None
+        # The published release as is: one row per question, ``options`` a list of strings.
         rows = pq.read_table(path).to_pylist()
     elif path.suffix == ".jsonl":
         lines = path.read_text(encoding="utf-8").splitlines()

@@ -33,9 +33,10 @@ from megatron_longvila.data.tokenizer import load_tokenizer
 from megatron_longvila.data.video import VideoDecodeError
 from megatron_longvila.inference.generator import FrameSettings, Generator
 from megatron_longvila.inference.loading import load_model_for_inference, resolve_checkpoint
-from megatron_longvila.models.config import ConfigError, LongVILAConfig
+from megatron_longvila.models.config import TOKEN_ORDERS, ConfigError, LongVILAConfig
 
 MIB = 1 << 20
+TOKEN_ORDER_HELP = "order of the merged visual tokens, for a Hugging Face folder that cannot tell"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,6 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--chat-template", choices=sorted(TEMPLATES))
     parser.add_argument("--system-prompt")
     parser.add_argument("--model-preset", help="architecture, if the checkpoint records none")
+    parser.add_argument("--token-order", choices=TOKEN_ORDERS, help=TOKEN_ORDER_HELP)
     parser.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default="auto")
     parser.add_argument("--output-json", type=Path, help="also write the result here (rank 0)")
     return parser.parse_args(argv)
@@ -128,7 +130,7 @@ def load_generator(
     """(generator, layout, tokenizer path) from the command line's model options (checkpoint,
     model preset, tokenizer, chat template, system prompt, frame sampling, tp / sp / ulysses /
     ring): the layout is chosen and initialized, then the checkpoint loaded into it."""
-    source = resolve_checkpoint(args.checkpoint)
+    source = resolve_checkpoint(args.checkpoint, args.token_order)
     model_config = LongVILAConfig.preset(args.model_preset) if args.model_preset else None
     cfg = model_config or source.config
     if cfg is None:
@@ -139,7 +141,10 @@ def load_generator(
     topology = choose_topology(args, dist.get_world_size(), local_world, cfg)
     initialize_mmsp(topology)
     model, source = load_model_for_inference(
-        args.checkpoint, model_config=model_config, params_dtype=params_dtype
+        args.checkpoint,
+        model_config=model_config,
+        token_order=args.token_order,
+        params_dtype=params_dtype,
     )
     tokenizer_path = args.tokenizer or source.tokenizer_path
     if tokenizer_path is None:

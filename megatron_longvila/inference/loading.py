@@ -6,7 +6,8 @@
   a bare megatron-core dist checkpoint folder (see :mod:`megatron_longvila.checkpoint`);
 * a Hugging Face LongVILA folder (``llm/``, ``vision_tower/``, ``mm_projector/``,
   ``config.json``), read by the checkpoint converter (:mod:`megatron_longvila.convert`), with
-  tensor-parallel size 1.
+  tensor-parallel size 1. ``token_order`` gives its projector's token order when the folder
+  cannot tell it (:func:`~megatron_longvila.convert.hf_source.projector_token_order`).
 
 Megatron checkpoints load into any tensor-parallel / MM-SP layout (megatron-core reshards on
 load). The architecture, tokenizer and chat template come from what the checkpoint records
@@ -69,11 +70,14 @@ def is_hf_folder(path: Path) -> bool:
     return (path / "config.json").is_file() and all((path / p).is_dir() for p in MODULES)
 
 
-def resolve_checkpoint(path: str | Path) -> CheckpointSource:
-    """Find the checkpoint under ``path`` and what it records (no process group needed)."""
+def resolve_checkpoint(path: str | Path, token_order: str | None = None) -> CheckpointSource:
+    """Find the checkpoint under ``path`` and what it records (no process group needed).
+
+    ``token_order`` (Hugging Face folders only) overrides what the folder says.
+    """
     path = Path(path)
     if path.exists() and is_hf_folder(path):
-        return _hf_source(path)
+        return _hf_source(path, token_order)
     try:
         directory = resolve_checkpoint_dir(path)
     except CheckpointError as exc:
@@ -84,20 +88,26 @@ def resolve_checkpoint(path: str | Path) -> CheckpointSource:
         ) from None
     state = read_train_state(directory)
     config = state.get(MODEL_CONFIG_KEY)
+    config = None if config is None else LongVILAConfig.from_dict(config)
+    if token_order is not None and (config is None or config.projector.token_order != token_order):
+        raise CheckpointError(
+            f"a token order ({token_order!r}) is for Hugging Face folders: {directory} is a "
+            "Megatron checkpoint, whose recorded architecture holds its own"
+        )
     return CheckpointSource(
         kind="megatron",
         directory=directory,
-        config=None if config is None else LongVILAConfig.from_dict(config),
+        config=config,
         tokenizer_path=tokenizer_from_train_state(state),
         chat_template=chat_template_from_train_state(state),
     )
 
 
-def _hf_source(folder: Path) -> CheckpointSource:
+def _hf_source(folder: Path, token_order: str | None) -> CheckpointSource:
     """A Hugging Face LongVILA folder, its architecture read by the checkpoint converter."""
     try:
         settings = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        config = read_longvila_config(HFSource.from_folder(folder))
+        config = read_longvila_config(HFSource.from_folder(folder, token_order=token_order))
     except (OSError, ValueError) as exc:  # ConversionError and JSONDecodeError included
         raise CheckpointError(
             f"{folder} is not a readable Hugging Face LongVILA folder: {exc}"
@@ -115,6 +125,7 @@ def load_model_for_inference(
     path: str | Path,
     *,
     model_config: LongVILAConfig | None = None,
+    token_order: str | None = None,
     params_dtype: torch.dtype = torch.float32,
 ) -> tuple[LongVILAModel, CheckpointSource]:
     """This rank's whole LongVILA model with the weights of the checkpoint at ``path``, in eval
@@ -122,15 +133,15 @@ def load_model_for_inference(
     ulysses × ring, pipeline size 1).
 
     ``model_config`` overrides the architecture the checkpoint records (and is required when it
-    records none). Returns the model and what ``path`` resolved to (its ``config`` is the one
-    used).
+    records none); ``token_order`` as in :func:`resolve_checkpoint`. Returns the model and what
+    ``path`` resolved to (its ``config`` is the one used).
     """
     if parallel_state.get_pipeline_model_parallel_world_size() != 1:
         raise ValueError(
             f"inference runs with pipeline-parallel size 1, got "
             f"{parallel_state.get_pipeline_model_parallel_world_size()}; use tp and sp instead"
         )
-    source = resolve_checkpoint(path)
+    source = resolve_checkpoint(path, token_order)
     if model_config is not None:
         source.config = model_config
     if source.config is None:
@@ -153,7 +164,7 @@ def load_model_for_inference(
                 f"{source.directory}: Hugging Face folders load with tensor-parallel size 1; "
                 "convert to a Megatron checkpoint for other layouts"
             )
-        hf = HFSource.from_folder(source.directory)
+        hf = HFSource.from_folder(source.directory, token_order=token_order)
         load_full_state(model, read_longvila_weights(hf, read_longvila_config(hf)))
     else:
         load_model_weights(model, source.directory)

@@ -189,6 +189,10 @@ VISION_PRESETS: dict[str, VisionConfig] = {
 # --------------------------------------------------------------------------------------------
 
 
+#: Orders of a frame's merged visual tokens (:class:`ProjectorConfig`).
+TOKEN_ORDERS = ("row_major", "column_major")
+
+
 @dataclass
 class ProjectorConfig:
     """The ``mlp_downsample`` projector: 2×2 patch merge, LayerNorm, Linear, GELU, Linear.
@@ -206,7 +210,7 @@ class ProjectorConfig:
     def __post_init__(self) -> None:
         _check(self.kind == "mlp_downsample", self, "kind", "only 'mlp_downsample' is built")
         _check(
-            self.token_order in ("row_major", "column_major"),
+            self.token_order in TOKEN_ORDERS,
             self,
             "token_order",
             "must be 'row_major' or 'column_major'",

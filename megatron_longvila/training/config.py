@@ -15,7 +15,7 @@ model and are filled in when the YAML leaves them out; a YAML value that disagre
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +23,7 @@ import yaml
 
 from megatron_longvila.core.topology import MMSPTopology
 from megatron_longvila.data.config import DataConfig
-from megatron_longvila.models.config import MODULES, LongVILAConfig
+from megatron_longvila.models.config import MODULES, TOKEN_ORDERS, LongVILAConfig
 from megatron_longvila.models.config import ConfigError as ModelConfigError
 from megatron_longvila.training.config_io import ConfigError, apply_overrides, from_dict
 
@@ -60,10 +60,16 @@ class InitConfig:
     checkpoint: str | None = None
     #: A LongVILA Hugging Face folder (llm/, vision_tower/, mm_projector/, config.json).
     hf: str | None = None
+    #: Order of the merged visual tokens of ``hf``'s projector, when the folder cannot tell it.
+    token_order: str | None = None
 
     def __post_init__(self) -> None:
         if self.checkpoint and self.hf:
             raise ValueError("give either checkpoint or hf, not both")
+        if self.token_order is not None and self.token_order not in TOKEN_ORDERS:
+            raise ValueError(f"token_order must be one of {TOKEN_ORDERS}, got {self.token_order!r}")
+        if self.token_order is not None and not self.hf:
+            raise ValueError("token_order is for a Hugging Face folder (init.hf)")
 
 
 @dataclass
@@ -144,7 +150,13 @@ class TrainConfig:
             )
 
     def architecture(self) -> LongVILAConfig:
-        return self.model.build()
+        """The model's architecture; starting from ``init.hf``, its projector orders the merged
+        tokens as the folder's did."""
+        arch = self.model.build()
+        if self.init.hf:
+            order = hf_token_order(self.init)
+            arch = replace(arch, projector=replace(arch.projector, token_order=order))
+        return arch
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -213,6 +225,7 @@ def load_train_config(
 
     config = from_dict(TrainConfig, tree)
     check_paths(config)
+    check_hf_init(config)
     world_size = world_size or int(os.environ.get("WORLD_SIZE", "0")) or None
     if world_size is not None:
         check_world(config, arch, world_size)
@@ -232,6 +245,34 @@ def check_paths(config: TrainConfig) -> None:
         value = getattr(config.init, name)
         if value and not Path(value).exists():
             raise ConfigError(f"init.{name}: {value} does not exist")
+
+
+def hf_token_order(init: InitConfig) -> str:
+    """The token order of ``init.hf``'s projector (``init.token_order`` where it cannot tell)."""
+    from megatron_longvila.convert.hf_source import HFSource, read_token_order
+
+    return read_token_order(HFSource.from_folder(init.hf, token_order=init.token_order))
+
+
+def check_hf_init(config: TrainConfig) -> None:
+    """``init.hf`` is a LongVILA folder whose architecture and token order can be read, and the
+    model's overrides do not ask for another token order."""
+    if not config.init.hf:
+        return
+    from megatron_longvila.convert import HFSource, read_longvila_config
+
+    try:
+        source = HFSource.from_folder(config.init.hf, token_order=config.init.token_order)
+        folder_order = read_longvila_config(source).projector.token_order
+    except (OSError, ValueError) as exc:  # ConversionError included
+        raise ConfigError(f"init.hf: {exc}") from None
+    asked = (config.model.overrides.get("projector") or {}).get("token_order", folder_order)
+    if asked != folder_order:
+        raise ConfigError(
+            f"model.overrides.projector.token_order = {asked!r}, but init.hf ({config.init.hf}) "
+            f"was trained with {folder_order!r} (set init.token_order for a folder that cannot "
+            "tell)"
+        )
 
 
 def check_world(config: TrainConfig, arch: LongVILAConfig, world_size: int) -> None:

@@ -3,7 +3,7 @@
     config → topology → tokenizer + model → optimizer + schedule → data → checkpoint (resume or
     init) → loop (micro-batches through megatron's schedule, step, log, save) → final save.
 
-Launch with torchrun (``python -m megatron_longvila.train --config stage.yaml key=value ...``) or
+Launch with torchrun (``python -m megatron_longvila.train stage.yaml key=value ...``) or
 through ``megatron_longvila.training.launcher`` / ``examples/slurm``. The config is checked
 completely before any process group starts.
 """
@@ -30,7 +30,14 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_longvila.checkpoint.layout import CheckpointError, resolve_checkpoint_dir
 from megatron_longvila.checkpoint.manager import CheckpointManager
-from megatron_longvila.checkpoint.train_state import model_record
+from megatron_longvila.checkpoint.train_state import (
+    HF_LLM_CONFIG_KEY,
+    model_record,
+    read_train_state,
+)
+from megatron_longvila.convert import HFSource, load_hf_into_model
+from megatron_longvila.convert.hf_mapping import llm_config_extras
+from megatron_longvila.convert.hf_source import LLM_DIR, TOP_CONFIG, read_json
 from megatron_longvila.core import cpu_adaptations, platform
 from megatron_longvila.core.parallel_state import initialize_mmsp
 from megatron_longvila.data.batch import MultimodalBatch
@@ -39,7 +46,7 @@ from megatron_longvila.data.loader import TrainLoader, build_train_loader
 from megatron_longvila.data.tokenizer import TextTokenizer, load_tokenizer
 from megatron_longvila.models.config import LongVILAConfig
 from megatron_longvila.models.longvila_step import build_longvila_model, forward_step
-from megatron_longvila.training.config import TrainConfig, load_train_config
+from megatron_longvila.training.config import InitConfig, TrainConfig, load_train_config
 from megatron_longvila.training.config_io import ConfigError, to_dict
 from megatron_longvila.training.run_logger import RunLogger
 
@@ -142,6 +149,32 @@ def load_model_state(model: list, loaded: dict[str, Any]) -> None:
             chunk.module.load_state_dict(loaded[f"chunk{i}"])
 
 
+def load_initial_weights(init: InitConfig, model: list, optimizer: Any) -> None:
+    """Start a fresh run from ``init.checkpoint`` (the previous stage's model weights) or from
+    ``init.hf`` (a LongVILA Hugging Face folder); the optimizer's fp32 main copies, made from the
+    random init when it was built, are refreshed from the loaded weights."""
+    if init.checkpoint:
+        directory = resolve_checkpoint_dir(init.checkpoint)
+        loaded = CheckpointManager(directory.parent).load(sharded_state(model, None), directory)
+        load_model_state(model, loaded.sharded["model"])
+    else:
+        source = HFSource.from_folder(init.hf, token_order=init.token_order)
+        for chunk in model:
+            load_hf_into_model(chunk, source)
+    optimizer.reload_model_params()
+
+
+def inherited_llm_extras(init: InitConfig) -> dict[str, Any] | None:
+    """What the Hugging Face LLM a run descends from said beyond the architecture (token ids,
+    ``initializer_range``, ...): ``init.hf``'s, or what ``init.checkpoint`` recorded of it. Kept
+    in the run's checkpoints so that an export writes it back."""
+    if init.hf:
+        return llm_config_extras(read_json(Path(init.hf) / LLM_DIR / TOP_CONFIG))
+    if init.checkpoint:
+        return read_train_state(resolve_checkpoint_dir(init.checkpoint)).get(HF_LLM_CONFIG_KEY)
+    return None
+
+
 # ---- RNG streams --------------------------------------------------------------------------------
 
 
@@ -225,6 +258,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         tokenizer_path=Path(config.data.tokenizer_path).resolve(),
         chat_template=config.data.chat_template,
         num_frames=config.data.num_frames,
+        hf_llm_config=inherited_llm_extras(config.init),
     )
     dtype = precision_of(config)
     model = build_model(config, arch, dtype)
@@ -254,10 +288,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 f"resuming with {dist.get_world_size()} needs the same world size for the exact "
                 "data position (use it as init.checkpoint to start a new run from its weights)"
             )
-    elif config.init.checkpoint:  # start from the previous stage's weights
-        directory = resolve_checkpoint_dir(config.init.checkpoint)
-        loaded = CheckpointManager(directory.parent).load(sharded_state(model, None), directory)
-        load_model_state(model, loaded.sharded["model"])
+    elif config.init.checkpoint or config.init.hf:
+        load_initial_weights(config.init, model, optimizer)
 
     logger = RunLogger(
         config.run.output_dir,
@@ -332,13 +364,33 @@ def train(config: TrainConfig) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Train one LongVILA stage.")
-    parser.add_argument("--config", required=True, help="stage YAML (examples/configs/)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optimizer.lr=1e-4")
+def parse_args(argv: list[str] | None) -> tuple[str, list[str]]:
+    """``CONFIG [key=value ...]`` or ``--config CONFIG [key=value ...]``: (config, overrides)."""
+    parser = argparse.ArgumentParser(prog="longvila-train", description="Train one LongVILA stage.")
+    parser.add_argument(
+        "words",
+        nargs="*",
+        metavar="[CONFIG] KEY=VALUE",
+        help="the stage YAML (examples/configs/), then overrides, e.g. optimizer.lr=1e-4",
+    )
+    parser.add_argument("--config", help="the stage YAML, given as an option")
     args = parser.parse_args(argv)
+    words = list(args.words)
+    config = args.config
+    if config is None:
+        if not words or "=" in words[0]:
+            parser.error("give the stage YAML: longvila-train CONFIG [key=value ...]")
+        config = words.pop(0)
+    not_overrides = [word for word in words if "=" not in word]
+    if not_overrides:
+        parser.error(f"after the config come key=value overrides, got {not_overrides}")
+    return config, words
+
+
+def main(argv: list[str] | None = None) -> int:
+    config_path, overrides = parse_args(argv)
     try:
-        config = load_train_config(args.config, args.overrides)
+        config = load_train_config(config_path, overrides)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
