@@ -71,12 +71,12 @@ def _finish(proc: subprocess.Popen) -> str:
 
 
 def _steps(out: Path) -> dict[int, dict]:
-    """The last record of every step (a resumed run repeats the steps after its checkpoint)."""
-    records = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        records[record["step"]] = record
-    return records
+    """The record of every step, which appears once and in order (a resumed run first cuts the
+    steps after its checkpoint)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [record["step"] for record in records]
+    assert steps == list(range(1, len(steps) + 1)), steps
+    return {record["step"]: record for record in records}
 
 
 def _rank_pid(torchrun_pid: int, rank: int) -> int | None:
