@@ -373,3 +373,51 @@ def test_unexpected_errors_are_counted_and_the_job_goes_on(monkeypatch, caplog):
         f"sample {k}" for k in needle_keys
     )
     assert all(r.exc_info for r in logged), "logged with the traceback"
+
+
+# ---- nothing to train on -----------------------------------------------------------------------
+
+
+def _captionless_dataset() -> Path:
+    """Four samples whose .json is metadata without a conversation, one naming two videos."""
+    root = scratch_dir() / "no-conversations"
+    if (root / ".nv-meta" / "dataset.yaml").exists():
+        return root
+    root.mkdir(parents=True)
+    mp4 = _video_bytes("mp4")
+    samples = {
+        f"meta_{i}": {"json": json.dumps({"url": f"v{i}"}).encode(), "mp4": mp4} for i in range(4)
+    }
+    samples["mismatch"] = {"json": _json("<video><video>\nBoth?"), "mp4": mp4}
+    _write_tar(root / "shard-0.tar", samples)
+    prepare_energon_dataset(root)
+    return root
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize(
+    "dataset, overrides, counted, example",
+    [
+        ("no_conversations", {}, "bad_json", "JSON object without 'conversations'"),
+        ("synthetic", {"max_seq_length": 8}, "too_long", "> max_seq_length 8"),
+    ],
+)
+def test_a_loader_that_skips_everything_stops_with_the_counts(
+    num_workers, dataset, overrides, counted, example
+):
+    """Repeating data that yields nothing must stop, not spin: the limit of skips in a row
+    names the counts and an example of each kind."""
+    from megatron_longvila.data.sample_issues import TooManySkipped
+
+    path = _captionless_dataset() if dataset == "no_conversations" else synthetic_shards()
+    config = data_config(
+        path, repeat=True, num_workers=num_workers, max_consecutive_skips=15, **overrides
+    )
+    loader = build_train_loader(config, 0, 1)
+    with pytest.raises(TooManySkipped) as caught:
+        next(iter(loader))
+    message = str(caught.value)
+    assert "samples were all skipped (data.max_consecutive_skips = 15)" in message
+    assert f"'{counted}': " in message and example in message
+    if dataset == "no_conversations" and num_workers == 0:  # workers: who skips first varies
+        assert "media_mismatch: sample mismatch: text placeholders" in message, "each kind"

@@ -59,6 +59,9 @@ class DataConfig:
     split_part: str = "train"
     #: Loop over the data forever (training); False gives one epoch.
     repeat: bool = True
+    #: Stop the loader with the issue counts after this many skipped samples in a row (all
+    #: workers together), instead of waiting forever on data that yields nothing.
+    max_consecutive_skips: int = 1000
 
     def __post_init__(self) -> None:
         self.image_mean = tuple(float(v) for v in self.image_mean)
@@ -90,6 +93,8 @@ class DataConfig:
             problems.append(f"micro_batch_size={self.micro_batch_size} must be >= 1")
         if self.packing and self.packing_buffer_size < 1:
             problems.append(f"packing_buffer_size={self.packing_buffer_size} must be >= 1")
+        if self.max_consecutive_skips < 1:
+            problems.append(f"max_consecutive_skips={self.max_consecutive_skips} must be >= 1")
         if self.num_workers < 0:
             problems.append(f"num_workers={self.num_workers} must be >= 0")
         if self.max_samples_per_sequence is not None and self.max_samples_per_sequence < 1:

@@ -215,6 +215,7 @@ class LongVILATaskEncoder(DefaultTaskEncoder):
                     frames, cfg.image_size, cfg.resize_mode, cfg.image_mean, cfg.image_std
                 )
             )
+        self.issues.delivered()
         return MultimodalSample(
             key=sample.__key__,
             input_ids=sample.input_ids,
