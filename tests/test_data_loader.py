@@ -421,3 +421,51 @@ def test_a_loader_that_skips_everything_stops_with_the_counts(
     assert f"'{counted}': " in message and example in message
     if dataset == "no_conversations" and num_workers == 0:  # workers: who skips first varies
         assert "media_mismatch: sample mismatch: text placeholders" in message, "each kind"
+
+
+# ---- caption datasets ------------------------------------------------------------------------
+
+
+def _video2dataset_shards() -> Path:
+    """video2dataset's output layout: <key>.mp4, <key>.txt (caption), <key>.json (metadata)."""
+    root = scratch_dir() / "video2dataset"
+    if (root / ".nv-meta" / "dataset.yaml").exists():
+        return root
+    root.mkdir(parents=True)
+    samples = {}
+    for i in range(3):
+        meta = {"url": f"https://example.org/{i}.mp4", "key": f"{i:09d}", "status": "success"}
+        samples[f"{i:09d}"] = {
+            "mp4": _video_bytes("mp4", seed=10 + i),
+            "txt": f"Caption number {i}.".encode(),
+            "json": json.dumps(meta).encode(),
+        }
+    samples["000000009"] = {"mp4": _video_bytes("mp4"), "txt": b"  \n"}  # empty caption
+    _write_tar(root / "00000.tar", samples)
+    prepare_energon_dataset(root)
+    return root
+
+
+@pytest.mark.parametrize("prompt", [None, "Summarize the clip."])
+def test_caption_samples_become_one_turn_conversations(prompt):
+    from megatron_longvila.data.chat_template import get_template, tokenize_conversation
+    from megatron_longvila.data.tokenizer import load_tokenizer
+
+    settings = {} if prompt is None else {"caption_prompt": prompt}
+    config = data_config(_video2dataset_shards(), micro_batch_size=1, **settings)
+    loader = build_train_loader(config, 0, 1)
+    batches = {batch.keys[0][0]: batch for batch in loader}
+    assert sorted(batches) == ["000000000", "000000001", "000000002"]
+    assert loader.issue_counts()["bad_json"] == 1  # the empty caption
+
+    template = get_template(config.chat_template)
+    tokenizer = load_tokenizer(config.tokenizer_path, template.markers)
+    asked = prompt or "Describe the video in detail."
+    for key, batch in batches.items():
+        turns = [
+            {"from": "human", "value": "<video>\n" + asked},
+            {"from": "gpt", "value": f"Caption number {int(key)}."},
+        ]
+        ids, labels = tokenize_conversation(turns, tokenizer, template, config.system_prompt)
+        assert torch.equal(batch.input_ids[0], ids) and torch.equal(batch.labels[0], labels)
+        assert len(batch.media) == 1 and batch.media[0].shape[0] == config.num_frames

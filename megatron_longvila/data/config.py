@@ -27,6 +27,9 @@ class DataConfig:
     #: System prompt; ``None`` takes the template's default (qwen2: "You are a helpful
     #: assistant.", llama3: none).
     system_prompt: str | None = None
+    #: The user turn of a caption sample (``<key>.txt`` caption, no conversation): the caption
+    #: is the answer. The media placeholders are prepended to it.
+    caption_prompt: str = "Describe the video in detail."
 
     #: Frames sampled uniformly over the whole video when ``fps`` is None.
     num_frames: int = 8

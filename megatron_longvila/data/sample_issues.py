@@ -26,7 +26,8 @@ logger = logging.getLogger("megatron_longvila.data")
 #: kind -> what happens to the sample.
 ISSUES = {
     "tar_read_error": "skipped: the sample's bytes cannot be read from its shard (tar cut short)",
-    "bad_json": "skipped: .json missing, not JSON, or not a valid conversation",
+    "bad_json": "skipped: no conversation (.json missing, not JSON or not a valid conversation, "
+    "and no usable .txt caption)",
     "media_mismatch": "skipped: placeholders in the text do not match the media parts",
     "corrupt_video": "skipped: the video cannot be opened or a sampled frame cannot be decoded",
     "corrupt_image": "skipped: an image cannot be decoded",
