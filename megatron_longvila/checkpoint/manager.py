@@ -32,7 +32,7 @@ from megatron_longvila.checkpoint.layout import (
     iteration_dir_name,
     rank_file_name,
 )
-from megatron_longvila.checkpoint.safety import load_dist_checkpoint
+from megatron_longvila.checkpoint.safety import verify_checkpoint_metadata
 
 
 def save_rank_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -145,8 +145,9 @@ class CheckpointManager:
             raise CheckpointError(f"no complete checkpoint under {self.root}")
         if not (target / TRAIN_STATE).is_file():
             raise CheckpointError(f"{target} is incomplete (no {TRAIN_STATE}); refusing to load it")
+        verify_checkpoint_metadata(target)
         train_state = json.loads((target / TRAIN_STATE).read_text(encoding="utf-8"))
-        loaded = load_dist_checkpoint(sharded_state_dict, target)
+        loaded = dist_checkpointing.load(sharded_state_dict, str(target))
         rank_tensors = rank_meta = None
         rank_path = target / rank_file_name(dist.get_rank())
         if train_state.get("world_size") == dist.get_world_size() and rank_path.is_file():
@@ -166,7 +167,8 @@ def load_model_weights(model: torch.nn.Module, directory: str | Path) -> None:
 
     The keys are the model's own sharded keys; optimizer state saved beside them is not read.
     """
-    loaded = load_dist_checkpoint(model.sharded_state_dict(), directory)
+    verify_checkpoint_metadata(directory)
+    loaded = dist_checkpointing.load(model.sharded_state_dict(), str(directory))
     # dist_checkpointing merges the saved common (non-tensor) state into what it returns:
     # from a trainer's checkpoint that includes the optimizer's, which the model has no use for.
     loaded.pop("optimizer", None)

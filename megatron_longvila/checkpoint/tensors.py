@@ -13,7 +13,7 @@ import torch
 
 from megatron_longvila.checkpoint.layout import CheckpointError
 from megatron_longvila.checkpoint.names import unstack_layers
-from megatron_longvila.checkpoint.safety import SafeLoadPlanner, verify_checkpoint_metadata
+from megatron_longvila.checkpoint.safety import verify_checkpoint_metadata
 from megatron_longvila.models.config import MODULES
 
 #: A tensor every LongVILA model has, on the first pipeline stage (and, tied, on the last).
@@ -40,8 +40,7 @@ def load_full_tensors(directory: str | Path, prefix: str = "") -> dict[str, torc
     }
     if not state:
         raise CheckpointError(f"{directory} holds no tensors under {prefix!r}")
-    planner = SafeLoadPlanner(directory=directory)
-    dcp_load(state, storage_reader=reader, planner=planner, no_dist=True)
+    dcp_load(state, storage_reader=reader, no_dist=True)
     return state
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 RESIZE_MODES = ("pad", "crop")
+#: What makes a folder a prepared Energon dataset (written by ``energon prepare`` and by
+#: ``shard_index.prepare_energon_dataset``).
+ENERGON_DATASET_FILE = ".nv-meta/dataset.yaml"
 CHAT_TEMPLATES = ("qwen2", "llama3")
 
 

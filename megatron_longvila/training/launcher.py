@@ -21,7 +21,12 @@ from dataclasses import dataclass
 import yaml
 
 from megatron_longvila.models.config import ConfigError as ModelConfigError
-from megatron_longvila.training.config import ModelSection, ParallelConfig, check_layout
+from megatron_longvila.training.config import (
+    ModelSection,
+    OptimizerSection,
+    ParallelConfig,
+    check_layout,
+)
 from megatron_longvila.training.config_io import ConfigError, apply_overrides, from_dict
 
 
@@ -67,8 +72,10 @@ def _local_gpu_count() -> int:
 def resolve_layout(tree: dict, world_size: int) -> dict[str, int]:
     """The layout of the YAML's ``parallel`` section on ``world_size`` processes (dp is what
     is left after tp×sp×pp), checked against the model and the row length by the trainer's own
-    check."""
+    check; the optimizer section is checked too (the trainer checks everything again, paths
+    included, on the nodes, before any process group starts)."""
     parallel = from_dict(ParallelConfig, tree.get("parallel") or {}, "parallel")
+    from_dict(OptimizerSection, tree.get("optimizer") or {}, "optimizer")
     model = from_dict(ModelSection, tree.get("model") or {}, "model")
     try:
         arch = model.build()
