@@ -97,9 +97,9 @@ class SampleIssues:
         with self._lock:
             raw = bytes(self._examples.raw)
         return {
-            kind: raw[i * _EXAMPLE_BYTES : (i + 1) * _EXAMPLE_BYTES].rstrip(b"\0").decode(
-                errors="replace"
-            )
+            kind: raw[i * _EXAMPLE_BYTES : (i + 1) * _EXAMPLE_BYTES]
+            .rstrip(b"\0")
+            .decode(errors="replace")
             for i, kind in enumerate(ISSUE_KINDS)
             if raw[i * _EXAMPLE_BYTES]
         }
