@@ -15,11 +15,11 @@ CHAT_TEMPLATES = ("qwen2", "llama3")
 class DataConfig:
     """Where the data is, how frames are sampled and shaped, how text is tokenized and packed.
 
-    The model side provides ``image_size``, ``image_mean``/``image_std`` (the vision tower's
-    normalization) and ``tokens_per_frame`` (how many LLM tokens the projector makes of one
-    frame); the pipeline uses the latter to compute a sample's expanded length
-    ``text tokens - placeholders + frames × tokens_per_frame`` for packing and for the
-    maximum-length check.
+    The model side provides ``image_size`` and ``tokens_per_frame`` (how many LLM tokens the
+    projector makes of one frame); the pipeline uses the latter to compute a sample's expanded
+    length ``text tokens - placeholders + frames × tokens_per_frame`` for packing and for the
+    maximum-length check. Frames leave the pipeline as uint8; the model normalizes them with its
+    vision tower's mean and std.
     """
 
     #: Energon dataset folder (prepared webdataset shards with ``.nv-meta/``) or metadataset yaml.
@@ -41,8 +41,6 @@ class DataConfig:
     max_frames: int = 1024
 
     image_size: int = 448
-    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     #: "pad": fit inside the square and pad with the mean colour; "crop": fill it, centre crop.
     resize_mode: str = "pad"
     tokens_per_frame: int = 196
@@ -70,8 +68,6 @@ class DataConfig:
     max_consecutive_skips: int = 1000
 
     def __post_init__(self) -> None:
-        self.image_mean = tuple(float(v) for v in self.image_mean)
-        self.image_std = tuple(float(v) for v in self.image_std)
         problems = []
         if self.chat_template not in CHAT_TEMPLATES:
             problems.append(f"chat_template={self.chat_template!r} is not one of {CHAT_TEMPLATES}")
@@ -85,12 +81,6 @@ class DataConfig:
             problems.append(f"max_frames={self.max_frames} must be >= 1")
         if self.image_size < 1:
             problems.append(f"image_size={self.image_size} must be >= 1")
-        if len(self.image_mean) != 3 or len(self.image_std) != 3:
-            problems.append(
-                f"image_mean {self.image_mean} and image_std {self.image_std} need 3 values each"
-            )
-        elif min(self.image_std) <= 0:
-            problems.append(f"image_std={self.image_std} must be > 0")
         if self.tokens_per_frame < 1:
             problems.append(f"tokens_per_frame={self.tokens_per_frame} must be >= 1")
         if self.max_seq_length < 2:

@@ -8,7 +8,8 @@ Stages (Energon calls them in this order; each may skip a sample, see ``sample_i
    chosen; the expanded length ``tokens - placeholders + frames × tokens_per_frame`` checked
    against ``max_seq_length``. Cheap: no frame is decoded, so packing buffers stay small.
 3. packing (optional): first-fit decreasing over a buffer of pre-encoded samples.
-4. post-encode: frames decoded by seeking, resized (pad|crop), normalized -> MultimodalSample.
+4. post-encode: frames decoded by seeking, scaled (and cropped) as uint8 -> MultimodalSample
+   (the model pads and normalizes them on its device).
 5. batch: rows (one sample, or one pack) padded into a MultimodalBatch.
 
 The layout of a sample in a shard is described in ``sample_format``.
@@ -48,8 +49,8 @@ from megatron_longvila.data.video import (
 from megatron_longvila.data.vision_transform import (
     ImageDecodeError,
     decode_image,
+    fit_frames,
     scaled_size,
-    to_tower_input,
 )
 
 
@@ -208,11 +209,7 @@ class LongVILATaskEncoder(DefaultTaskEncoder):
                     frames = [decode_image(item.data, cfg.image_size, cfg.resize_mode)]
                 except ImageDecodeError as exc:
                     self.issues.skip("corrupt_image", sample.__key__, str(exc))
-            tensors.append(
-                to_tower_input(
-                    frames, cfg.image_size, cfg.resize_mode, cfg.image_mean, cfg.image_std
-                )
-            )
+            tensors.append(fit_frames(frames, cfg.image_size, cfg.resize_mode))
         self.issues.delivered()
         return MultimodalSample(
             key=sample.__key__,

@@ -122,13 +122,15 @@ class LongVILAModel(MegatronModule):
         self.llm = llm
 
     def prepare_inputs(self, batch: MultimodalBatch) -> MMSPInputs:
-        """This rank's inputs for ``batch`` (the same batch on every rank of the sp group)."""
+        """This rank's inputs for ``batch`` (the same batch on every rank of the sp group); its
+        frames are normalized on this model's device."""
         return prepare_mmsp_inputs(
             batch,
             self.cfg,
             sp=self.groups.sp_size,
             sp_rank=self.groups.sp_rank,
             with_frames=self.pre_process,
+            device=next(self.parameters()).device,
         )
 
     def set_input_tensor(self, input_tensor: torch.Tensor | list[torch.Tensor] | None) -> None:

@@ -9,8 +9,8 @@ unknown keys, wrong types, values out of range, sizes that do not divide (by the
 validator), paths that do not exist or hold no dataset / checkpoint, and a resume onto another
 world or dp size.
 
-``data.image_size``, ``image_mean``, ``image_std`` and ``tokens_per_frame`` follow from the
-model and are filled in when the YAML leaves them out; a YAML value that disagrees is an error.
+``data.image_size`` and ``tokens_per_frame`` follow from the model and are filled in when the
+YAML leaves them out; a YAML value that disagrees is an error.
 """
 
 from __future__ import annotations
@@ -171,8 +171,6 @@ class TrainConfig:
 def _derived_data_fields(arch: LongVILAConfig) -> dict[str, Any]:
     return {
         "image_size": arch.vision.image_size,
-        "image_mean": list(arch.vision.image_mean),
-        "image_std": list(arch.vision.image_std),
         "tokens_per_frame": arch.tokens_per_frame,
     }
 
