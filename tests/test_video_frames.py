@@ -40,8 +40,12 @@ def _reference_frames(data: bytes, size: tuple[int, int]) -> list[np.ndarray]:
     import io
 
     with av.open(io.BytesIO(data)) as container:
+        # Scaled in the video's own pixel format, then converted (as decode_frames does).
         return [
-            f.reformat(width=size[0], height=size[1], format="rgb24", interpolation="BILINEAR")
+            f.reformat(
+                width=size[0], height=size[1], format=f.format.name, interpolation="BILINEAR"
+            )
+            .reformat(format="rgb24")
             .to_ndarray()
             .transpose(2, 0, 1)
             for f in container.decode(video=0)

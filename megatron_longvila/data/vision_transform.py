@@ -64,17 +64,22 @@ def fit_frames(frames: Sequence[torch.Tensor], image_size: int, mode: str) -> to
     [n, 3, h', w'], what the loader delivers: ``crop`` cuts the centre square (h' = w' =
     ``image_size``); ``pad`` keeps the frames as they are (the longer side is ``image_size``),
     and :func:`to_tower_input` centres them on a square of the mean colour where they are
-    normalized (on the model's device)."""
+    normalized (on the model's device).
+
+    The result is channels-last in memory (a ``[n, h', w', 3]`` buffer viewed as
+    ``[n, 3, h', w']``): decoded frames are interleaved RGB, so each frame is one plain copy;
+    the model's device does the transposition as it normalizes.
+    """
     h, w = _check_uint8_frames(frames)
-    crop = (slice(None), slice(None), slice(None))
+    rows, columns = slice(None), slice(None)
     if mode == "crop":
         top, left = (h - image_size) // 2, (w - image_size) // 2
-        crop = (slice(None), slice(top, top + image_size), slice(left, left + image_size))
+        rows, columns = slice(top, top + image_size), slice(left, left + image_size)
         h = w = image_size
-    out = _new_output((len(frames), 3, h, w), torch.uint8)
+    out = _new_output((len(frames), h, w, 3), torch.uint8)
     for i, frame in enumerate(frames):
-        out[i].copy_(frame[crop])
-    return out
+        out[i].copy_(frame.permute(1, 2, 0)[rows, columns])
+    return out.permute(0, 3, 1, 2)
 
 
 def to_tower_input(
