@@ -75,7 +75,7 @@ def _steps(out: Path) -> dict[int, dict]:
     steps after its checkpoint)."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     steps = [record["step"] for record in records]
-    assert steps == list(range(1, len(steps) + 1)), steps
+    assert steps == list(range(steps[0], steps[0] + len(steps))), steps
     return {record["step"]: record for record in records}
 
 
