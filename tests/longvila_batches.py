@@ -3,6 +3,8 @@ counts, images and text-only samples, built from seeded random tokens and pixels
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from megatron_longvila.data.batch import (
@@ -12,6 +14,7 @@ from megatron_longvila.data.batch import (
     MultimodalSample,
 )
 from megatron_longvila.data.packing import collate_rows
+from megatron_longvila.data.vision_transform import to_tower_input
 from megatron_longvila.models.config import LongVILAConfig
 
 CFG = LongVILAConfig.preset("tiny")  # 42 px frames → 4 visual tokens each; placeholders 248/249
@@ -95,3 +98,17 @@ def reference_rows(batch: MultimodalBatch, cfg=CFG) -> list[dict[str, list]]:
             {"tokens": tokens, "labels": shifted, "positions": positions, "segments": segments}
         )
     return rows
+
+
+def uint8_media(batch, seed: int):
+    """``batch`` with its media as uint8 pixels as the loader delivers them (pad mode: tall,
+    wide and square items), and the same batch with those pixels normalized on the CPU first."""
+    gen = torch.Generator().manual_seed(seed)
+    size, v = CFG.vision.image_size, CFG.vision
+    shapes = [(size, 28), (30, size), (size, size)]
+    pixels = [
+        torch.randint(0, 256, (len(m), 3, *shapes[i % 3]), generator=gen, dtype=torch.uint8)
+        for i, m in enumerate(batch.media)
+    ]
+    normalized = [to_tower_input(p, size, "pad", v.image_mean, v.image_std) for p in pixels]
+    return dataclasses.replace(batch, media=pixels), dataclasses.replace(batch, media=normalized)

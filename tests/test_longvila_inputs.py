@@ -13,7 +13,7 @@ import random
 
 import pytest
 import torch
-from longvila_batches import CFG, make_batch, micro_batches, reference_rows
+from longvila_batches import CFG, make_batch, micro_batches, reference_rows, uint8_media
 
 from megatron_longvila.core.sequence_parallel.sharding import shard_token_indices, split_zigzag
 from megatron_longvila.core.sequence_parallel.visual_exchange import frame_range, frames_per_rank
@@ -131,11 +131,40 @@ def test_bad_batches_fail_with_the_numbers():
 
     small = make_batch([[[2]]], seed=2)
     small.media[0] = small.media[0][:, :, :28, :28]
-    with pytest.raises(ValueError, match=r"media item 0 has shape \(2, 3, 28, 28\).*3, 42, 42"):
+    with pytest.raises(
+        ValueError, match=r"media item 0 is torch.float32 \(2, 3, 28, 28\).*3, 42, 42"
+    ):
         prepare_mmsp_inputs(small, CFG)
+    large = make_batch([[[2]]], seed=2)
+    large.media[0] = torch.zeros(2, 3, 44, 30, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"uint8 pixels \[frames >= 1, 3, h, w\] with h, w <= 42"):
+        prepare_mmsp_inputs(large, CFG)
 
     short = LongVILAConfig.preset("tiny", max_seq_length=64)
     with pytest.raises(ValueError, match=r"row 1 is 80 tokens long .* 1 media items \(17 frames"):
         prepare_mmsp_inputs(batch, short, 2, 0)
     assert short.seq_length_limit == 64
     assert CFG.seq_length_limit == CFG.llm.max_position_embeddings
+
+
+@pytest.mark.parametrize("sp", [1, 2, 3, 4])
+def test_uint8_pixels_become_the_same_tower_input_as_normalized_frames(sp):
+    """The model's first stage normalizes the loader's uint8 pixels (each item centred on the
+    mean colour) to exactly what normalizing them beforehand gives, for any frame share."""
+    for index, batch in enumerate(micro_batches()):
+        pixels, normalized = uint8_media(batch, seed=index)
+        for r in range(sp):
+            got = prepare_mmsp_inputs(pixels, CFG, sp, r).frames
+            expected = prepare_mmsp_inputs(normalized, CFG, sp, r).frames
+            assert got.dtype == torch.float32 and got.shape == expected.shape
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    # Hand check of one padded item: the mean colour (0 after normalization) around the pixels.
+    frames = prepare_mmsp_inputs(pixels, CFG, 1, 0).frames
+    item = pixels.media[0].float()
+    mean = torch.tensor(CFG.vision.image_mean).view(3, 1, 1)
+    std = torch.tensor(CFG.vision.image_std).view(3, 1, 1)
+    left = (CFG.vision.image_size - 28) // 2
+    torch.testing.assert_close(
+        frames[: len(item), :, :, left : left + 28], (item / 255 - mean) / std, atol=1e-6, rtol=0
+    )
+    assert frames[: len(item), :, :, :left].abs().max() == 0

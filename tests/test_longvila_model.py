@@ -30,7 +30,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from longvila_batches import CFG, micro_batches, reference_rows
+from longvila_batches import CFG, micro_batches, reference_rows, uint8_media
 from longvila_layouts import OVERRIDES, run_layout
 
 from megatron_longvila.core.sequence_parallel.sharding import shard_token_indices
@@ -132,6 +132,25 @@ def run_reference(checkpoint: str) -> dict:
     return {"loss": float(total / count), "grads": grads, "keys": keys, "logits": logits_error}
 
 
+def run_uint8_vs_float(checkpoint: str) -> float:
+    """Largest difference between the logits of the model (sp = 2, dp = 2) fed the loader's
+    uint8 pixels and fed the same pixels normalized beforehand (the float path)."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from megatron_longvila.core.parallel_state import MMSPTopology, initialize_mmsp
+    from megatron_longvila.models.longvila_step import build_longvila_model
+
+    initialize_mmsp(MMSPTopology(ulysses=2))
+    (model,) = build_longvila_model(CFG, transformer_overrides=OVERRIDES)
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), checkpoint))
+    index = parallel_state.get_data_parallel_rank()
+    pixels, normalized = uint8_media(micro_batches()[index], seed=index)
+    with torch.no_grad():
+        logits = [model(model.prepare_inputs(b), return_logits=True) for b in (pixels, normalized)]
+    assert logits[0].abs().max() > 0
+    return float((logits[0] - logits[1]).abs().max())
+
+
 # ---- what the exchange must send, computed independently ---------------------------------------
 
 
@@ -178,6 +197,11 @@ def test_checkpoint_keys_name_the_three_parts(reference):
 
 def test_logits_give_the_token_losses(reference):
     assert reference[0]["logits"] <= TOLERANCE
+
+
+def test_uint8_pixels_give_the_float_paths_output(rank_pools, reference):
+    errors = rank_pools(4).run(run_uint8_vs_float, reference[1])
+    assert max(errors) <= 1e-6, errors
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

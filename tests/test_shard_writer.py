@@ -77,6 +77,9 @@ def _write_inputs(root: Path) -> Path:
             }
         ),
         json.dumps({"id": "text", "conversations": _conversation("No media here.")}),
+        json.dumps({"id": "cap", "video": "v1.mp4", "caption": " A clip. ", "url": "u"}),
+        json.dumps({"id": "nocap", "video": "v1.mp4", "caption": ""}),
+        json.dumps({"id": "capnomedia", "caption": "Nothing to describe."}),
         json.dumps(
             {"id": "noplace", "video": "v1.mp4", "conversations": _conversation("Describe.")}
         ),
@@ -126,7 +129,18 @@ def test_make_webdataset_bounds_shards_skips_bad_records_and_writes_only_its_fol
     after = _files(tmp_path)
     assert {k: v for k, v in after.items() if not k.startswith("out/")} == before
     skipped = {line.split()[1]: line for line in printed.splitlines() if line.startswith("skipped")}
-    assert set(skipped) == {"bad", "cut", "escape", "missing", "noreply", "twice", "line"}
+    assert set(skipped) == {
+        "bad",
+        "cut",
+        "escape",
+        "missing",
+        "noreply",
+        "twice",
+        "line",
+        "nocap",
+        "capnomedia",
+    }
+    assert "non-empty string" in skipped["nocap"] and "needs a video" in skipped["capnomedia"]
     assert "leaves the media root" in skipped["escape"] and "unreadable" in skipped["cut"]
     assert "placeholders" in skipped["twice"] and "does not exist" in skipped["missing"]
 
@@ -143,8 +157,11 @@ def test_make_webdataset_bounds_shards_skips_bad_records_and_writes_only_its_fol
                     tar.extractfile(m).read()
                 )
     assert sorted(samples) == sorted(
-        ["clip_0_a", "clip_1_a", "clip_2_a", "clip_3_a", "img", "two", "text", "noplace"]
+        ["clip_0_a", "clip_1_a", "clip_2_a", "clip_3_a", "img", "two", "text", "noplace", "cap"]
     )
+    # A caption record is written in video2dataset's layout: caption, metadata, media.
+    assert set(samples["cap"]) == {"json", "txt", "mp4"} and samples["cap"]["txt"] == b"A clip."
+    assert json.loads(samples["cap"]["json"]) == {"id": "cap", "url": "u", "media": ["video"]}
     assert set(samples["clip_2_a"]) == {"json", "mp4"}
     assert samples["clip_2_a"]["mp4"] == (tmp_path / "media" / "v2.mp4").read_bytes()
     assert set(samples["two"]) == {"json", "0.png", "1.png"} and set(samples["text"]) == {"json"}
@@ -153,7 +170,7 @@ def test_make_webdataset_bounds_shards_skips_bad_records_and_writes_only_its_fol
     assert meta["media"] == ["image"]
 
     info = json.loads((out / ".nv-meta" / ".info.json").read_text())
-    assert sum(info["shard_counts"].values()) == 8
+    assert sum(info["shard_counts"].values()) == 9
     assert "LongVILAWebdataset" in (out / ".nv-meta" / "dataset.yaml").read_text()
     assert (out / ".nv-meta" / "split.yaml").is_file()
 

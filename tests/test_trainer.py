@@ -71,12 +71,12 @@ def _finish(proc: subprocess.Popen) -> str:
 
 
 def _steps(out: Path) -> dict[int, dict]:
-    """The last record of every step (a resumed run repeats the steps after its checkpoint)."""
-    records = {}
-    for line in (out / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        records[record["step"]] = record
-    return records
+    """The record of every step, which appears once and in order (a resumed run first cuts the
+    steps after its checkpoint)."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [record["step"] for record in records]
+    assert steps == list(range(steps[0], steps[0] + len(steps))), steps
+    return {record["step"]: record for record in records}
 
 
 def _rank_pid(torchrun_pid: int, rank: int) -> int | None:
@@ -144,23 +144,34 @@ def test_resume_in_another_layout_gives_the_same_next_loss(tiny_data, tmp_path):
     same, moved = _steps(saved)[3], _steps(resharded)[3]
     assert moved["samples"] == same["samples"]
     assert moved["loss"] == pytest.approx(same["loss"], abs=1e-5)
+    # Another dp size on the same world is refused before any process group or load.
+    out = _trainer_main(config, "parallel.ulysses=1", "parallel.ring=2", "run.train_steps=4")
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "written by 4 ranks with dp=1, this run has 4 ranks with dp=2" in out.stderr
+
+
+def _trainer_main(config: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """The trainer's entry point as torchrun's 4 ranks would start it, up to its config check."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": "4"}
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_longvila.train", "--config", str(config), *overrides],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_bad_config_stops_before_any_process_group(tiny_data, tmp_path):
     config = _write_config(tiny_data, tmp_path / "bad")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WORLD_SIZE": "4"}
     cases = {
         "parallel.ring=3": "world size 4 is not divisible",
         "data.dataset_path=/nowhere": "data.dataset_path: /nowhere does not exist",
         "optimizer.learning_rate=1": "unknown config key 'optimizer.learning_rate'",
+        "optimizer.adam_beta2=1.5": "adam_beta2 must be in [0, 1)",
+        f"init.checkpoint={tiny_data}": "holds no checkpoint",
     }
     for override, message in cases.items():
-        out = subprocess.run(
-            [sys.executable, "-m", "megatron_longvila.train", "--config", str(config), override],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        out = _trainer_main(config, override)
         assert out.returncode == 2 and message in out.stderr, (override, out.stderr[-2000:])

@@ -23,7 +23,7 @@ from megatron_longvila.data.video import (
     probe_video,
     uniform_frame_indices,
 )
-from megatron_longvila.data.vision_transform import scaled_size, to_tower_input
+from megatron_longvila.data.vision_transform import fit_frames, scaled_size, to_tower_input
 
 
 def _video(ext: str, num_frames: int = 60, keyint: int = 12) -> bytes:
@@ -40,8 +40,12 @@ def _reference_frames(data: bytes, size: tuple[int, int]) -> list[np.ndarray]:
     import io
 
     with av.open(io.BytesIO(data)) as container:
+        # Scaled in the video's own pixel format, then converted (as decode_frames does).
         return [
-            f.reformat(width=size[0], height=size[1], format="rgb24", interpolation="BILINEAR")
+            f.reformat(
+                width=size[0], height=size[1], format=f.format.name, interpolation="BILINEAR"
+            )
+            .reformat(format="rgb24")
             .to_ndarray()
             .transpose(2, 0, 1)
             for f in container.decode(video=0)
@@ -172,6 +176,17 @@ def test_pad_and_crop_place_and_normalize_frames_exactly():
     cropped = to_tower_input([torch.from_numpy(tall)] * 2, 32, "crop", mean, std)
     assert cropped.shape == (2, 3, 32, 32) and cropped.dtype == torch.float32
     np.testing.assert_allclose(cropped[1].numpy(), normalized(tall[:, 8:40, :]), atol=1e-6)
+
+    # What the loader delivers (uint8, cropped but not padded) normalizes to the same input.
+    cases = (([torch.from_numpy(wide)], "pad"), ([torch.from_numpy(tall)] * 2, "crop"))
+    for frames, mode in cases:
+        delivered = fit_frames(frames, 32, mode)
+        assert delivered.dtype == torch.uint8
+        assert delivered.shape == ((1, 3, 16, 32) if mode == "pad" else (2, 3, 32, 32))
+        np.testing.assert_array_equal(
+            to_tower_input(delivered, 32, "pad", mean, std).numpy(),
+            to_tower_input(frames, 32, mode, mean, std).numpy(),
+        )
 
     assert scaled_size(1280, 720, 448, "pad") == (448, 252)
     assert scaled_size(1280, 720, 448, "crop") == (796, 448)

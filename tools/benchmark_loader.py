@@ -1,8 +1,8 @@
 """Frames per second of the training loader (one worker) vs a bare PyAV decode of the same files.
 
-    python tools/benchmark_loader.py --out runs/loader_benchmark [--videos 8 --size 320x240]
+    python tools/benchmark_loader.py --out runs/loader_benchmark [--sizes 320x240,1280x720]
 
-For each frame count N (default 8, 64, 256 per video):
+For each video size and each frame count N (default 8, 64, 256 per video):
 
 * bare: PyAV (single-threaded, as Energon opens containers) decodes the N uniformly spaced
   frames of each video from its bytes in memory, seeking to a keyframe only when the next
@@ -10,8 +10,9 @@ For each frame count N (default 8, 64, 256 per video):
   the least work that yields those frames.
 * bare + resize: the same, with swscale scaling each frame to the size the loader makes.
 * loader: ``build_train_loader`` with one worker process reads the same videos from shards,
-  decodes the same frames through Energon's AVDecoder, resizes, normalizes, tokenizes and
-  batches. Timed from the first batch on (worker start-up excluded).
+  decodes the same frames (scaled while decoding, as uint8), tokenizes and batches. Timed from
+  the first batch on (worker start-up excluded). Padding and normalization happen later, on
+  the model's device in its first stage, and are not part of this time.
 
 Each pass covers every video once; the best of ``--repeats`` passes is reported, since other
 processes on a shared machine slow single passes down. The loader is timed in steady state
@@ -154,17 +155,18 @@ def markdown(results: dict) -> str:
     s = results["setup"]
     lines = [
         f"Loader vs bare PyAV decode, one worker, {s['videos']} videos of {s['frames_per_video']} "
-        f"frames at {s['video_size']} (H.264, keyframe every {s['keyframe_interval']}), "
-        f"frames resized to {s['image_size']}², on {s['machine']}.",
+        f"frames per size (H.264, keyframe every {s['keyframe_interval']}), frames scaled to fit "
+        f"{s['image_size']}² and delivered as uint8, on {s['machine']}.",
         "",
-        "| frames/video | bare PyAV | bare PyAV + same resize | loader | loader / bare | "
+        "| video | frames/video | bare PyAV | bare PyAV + same resize | loader | loader / bare | "
         "loader / bare + resize |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in results["rows"]:
         lines.append(
-            f"| {row['frames_per_video']} | {row['bare_fps']:.1f} | {row['bare_scaled_fps']:.1f} "
-            f"| {row['loader_fps']:.1f} | {row['ratio']:.2f} | {row['ratio_scaled']:.2f} |"
+            f"| {row['video_size']} | {row['frames_per_video']} | {row['bare_fps']:.1f} "
+            f"| {row['bare_scaled_fps']:.1f} | {row['loader_fps']:.1f} | {row['ratio']:.2f} "
+            f"| {row['ratio_scaled']:.2f} |"
         )
     lines.append("")
     lines.append(
@@ -181,7 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/loader_benchmark", help="folder for JSON + markdown")
     parser.add_argument("--videos", type=int, default=8)
     parser.add_argument("--frames", type=int, default=512, help="frames per video")
-    parser.add_argument("--size", default="320x240", help="video size WxH")
+    parser.add_argument(
+        "--sizes", default="320x240,1280x720", help="video sizes WxH, comma-separated"
+    )
     parser.add_argument("--keyint", type=int, default=30, help="keyframe interval")
     parser.add_argument(
         "--texture", type=int, default=48, help="texture amplitude (realistic bitrate)"
@@ -191,41 +195,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed passes; the best counts")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    size = tuple(int(v) for v in args.size.split("x"))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="mlv-loader-bench-") as tmp:
-        tmp = Path(tmp)
-        make_videos(tmp / "raw", args.videos, args.frames, size, args.keyint, args.texture)
-        write_webdataset(tmp / "raw" / "samples.jsonl", tmp / "shards")
-        build_tiny_tokenizer(tmp / "tokenizer")
-        videos = [(tmp / "raw" / f"v{i}.mp4").read_bytes() for i in range(args.videos)]
-        for count in (int(c) for c in args.counts.split(",")):
-            fps = {"bare": [], "bare_scaled": [], "loader": []}
-            for _ in range(args.repeats):  # interleaved, so load changes hit both alike
-                for name, size in [("bare", None), ("bare_scaled", args.image_size)]:
-                    seconds, frames = time_bare(videos, count, size)
-                    fps[name].append(frames / seconds)
-            # The loader runs after, never beside the bare passes: its worker would take CPU
-            # from them and prefetch batches ahead of its own timing.
-            windows = loader_windows(tmp / "shards", tmp / "tokenizer", count, args.image_size)
-            for _ in range(args.repeats):
-                seconds, frames = next(windows)
-                fps["loader"].append(frames / seconds)
-            windows.close()
-            assert frames == min(count, args.frames) * args.videos, frames
-            row = {"frames_per_video": count, **{f"{k}_fps": max(v) for k, v in fps.items()}}
-            row["ratio"] = row["loader_fps"] / row["bare_fps"]
-            row["ratio_scaled"] = row["loader_fps"] / row["bare_scaled_fps"]
-            row["all_fps"] = fps
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+    for size_name in args.sizes.split(","):
+        rows += measure_size(args, tuple(int(v) for v in size_name.split("x")))
     results = {
         "setup": {
             "videos": args.videos,
             "frames_per_video": args.frames,
-            "video_size": args.size,
+            "video_sizes": args.sizes.split(","),
             "keyframe_interval": args.keyint,
             "texture": args.texture,
             "image_size": args.image_size,
@@ -241,6 +220,42 @@ def main(argv: list[str] | None = None) -> int:
     (out / "loader_benchmark.md").write_text(markdown(results))
     print(markdown(results))
     return 0
+
+
+def measure_size(args: argparse.Namespace, size: tuple[int, int]) -> list[dict]:
+    """The rows of one video size: every frame count, bare passes then loader passes."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mlv-loader-bench-") as tmp:
+        tmp = Path(tmp)
+        make_videos(tmp / "raw", args.videos, args.frames, size, args.keyint, args.texture)
+        write_webdataset(tmp / "raw" / "samples.jsonl", tmp / "shards")
+        build_tiny_tokenizer(tmp / "tokenizer")
+        videos = [(tmp / "raw" / f"v{i}.mp4").read_bytes() for i in range(args.videos)]
+        for count in (int(c) for c in args.counts.split(",")):
+            fps = {"bare": [], "bare_scaled": [], "loader": []}
+            for _ in range(args.repeats):  # interleaved, so load changes hit both alike
+                for name, image_size in [("bare", None), ("bare_scaled", args.image_size)]:
+                    seconds, frames = time_bare(videos, count, image_size)
+                    fps[name].append(frames / seconds)
+            # The loader runs after, never beside the bare passes: its worker would take CPU
+            # from them and prefetch batches ahead of its own timing.
+            windows = loader_windows(tmp / "shards", tmp / "tokenizer", count, args.image_size)
+            for _ in range(args.repeats):
+                seconds, frames = next(windows)
+                fps["loader"].append(frames / seconds)
+            windows.close()
+            assert frames == min(count, args.frames) * args.videos, frames
+            row = {
+                "video_size": f"{size[0]}x{size[1]}",
+                "frames_per_video": count,
+                **{f"{k}_fps": max(v) for k, v in fps.items()},
+            }
+            row["ratio"] = row["loader_fps"] / row["bare_fps"]
+            row["ratio_scaled"] = row["loader_fps"] / row["bare_scaled_fps"]
+            row["all_fps"] = fps
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
 
 
 if __name__ == "__main__":

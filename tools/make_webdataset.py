@@ -1,4 +1,4 @@
-"""Turn a folder of videos/images plus a JSONL of conversations into Energon-ready shards.
+"""Turn a folder of videos/images plus a JSONL of conversations or captions into Energon shards.
 
     python tools/make_webdataset.py samples.jsonl out/shards --media-root videos/ --max-shard-mb 512
 
@@ -21,7 +21,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument(
-        "jsonl", help="one JSON object per line: id, video/videos/image/images, conversations"
+        "jsonl",
+        help="one JSON object per line: id, video/videos/image/images, and conversations "
+        "(or caption: a caption sample)",
     )
     parser.add_argument("out_dir", help="output folder (created; must be empty unless --overwrite)")
     parser.add_argument(

@@ -33,6 +33,7 @@ from megatron_longvila.checkpoint.layout import (
     rank_file_name,
 )
 from megatron_longvila.checkpoint.safety import load_dist_checkpoint
+from megatron_longvila.core.process_lifetime import checkpoint_writer_exits_with_parent
 
 
 def save_rank_state(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
@@ -98,6 +99,7 @@ class CheckpointManager:
             partial.mkdir()
         dist.barrier()
 
+        checkpoint_writer_exits_with_parent()  # a killed rank leaves no writer process behind
         dist_checkpointing.save(sharded_state_dict, str(partial))
         save_rank_state(
             partial / rank_file_name(rank),

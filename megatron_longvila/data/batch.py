@@ -25,8 +25,10 @@ class MultimodalSample:
 
     input_ids: [s] int64, one placeholder token per media item.
     labels:    [s] int64, the token where the assistant speaks, ``IGNORE_INDEX`` elsewhere.
-    media:     one float tensor per placeholder, in text order, ``[frames, 3, H, W]``, already
-               resized and normalized for the vision tower (an image is one frame).
+    media:     one tensor per placeholder, in text order (an image is one frame): uint8 pixels
+               ``[frames, 3, h, w]`` with h, w <= the tower's size S, which the model centres on
+               a square of the mean colour and normalizes on its device (what the loader
+               gives), or float ``[frames, 3, S, S]`` already normalized.
     """
 
     key: str

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 RESIZE_MODES = ("pad", "crop")
+#: What makes a folder a prepared Energon dataset (written by ``energon prepare`` and by
+#: ``shard_index.prepare_energon_dataset``).
+ENERGON_DATASET_FILE = ".nv-meta/dataset.yaml"
 CHAT_TEMPLATES = ("qwen2", "llama3")
 
 
@@ -12,11 +15,11 @@ CHAT_TEMPLATES = ("qwen2", "llama3")
 class DataConfig:
     """Where the data is, how frames are sampled and shaped, how text is tokenized and packed.
 
-    The model side provides ``image_size``, ``image_mean``/``image_std`` (the vision tower's
-    normalization) and ``tokens_per_frame`` (how many LLM tokens the projector makes of one
-    frame); the pipeline uses the latter to compute a sample's expanded length
-    ``text tokens - placeholders + frames × tokens_per_frame`` for packing and for the
-    maximum-length check.
+    The model side provides ``image_size`` and ``tokens_per_frame`` (how many LLM tokens the
+    projector makes of one frame); the pipeline uses the latter to compute a sample's expanded
+    length ``text tokens - placeholders + frames × tokens_per_frame`` for packing and for the
+    maximum-length check. Frames leave the pipeline as uint8; the model normalizes them with its
+    vision tower's mean and std.
     """
 
     #: Energon dataset folder (prepared webdataset shards with ``.nv-meta/``) or metadataset yaml.
@@ -27,6 +30,9 @@ class DataConfig:
     #: System prompt; ``None`` takes the template's default (qwen2: "You are a helpful
     #: assistant.", llama3: none).
     system_prompt: str | None = None
+    #: The user turn of a caption sample (``<key>.txt`` caption, no conversation): the caption
+    #: is the answer. The media placeholders are prepended to it.
+    caption_prompt: str = "Describe the video in detail."
 
     #: Frames sampled uniformly over the whole video when ``fps`` is None.
     num_frames: int = 8
@@ -35,8 +41,6 @@ class DataConfig:
     max_frames: int = 1024
 
     image_size: int = 448
-    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     #: "pad": fit inside the square and pad with the mean colour; "crop": fill it, centre crop.
     resize_mode: str = "pad"
     tokens_per_frame: int = 196
@@ -59,10 +63,11 @@ class DataConfig:
     split_part: str = "train"
     #: Loop over the data forever (training); False gives one epoch.
     repeat: bool = True
+    #: Stop the loader with the issue counts after this many skipped samples in a row (all
+    #: workers together), instead of waiting forever on data that yields nothing.
+    max_consecutive_skips: int = 1000
 
     def __post_init__(self) -> None:
-        self.image_mean = tuple(float(v) for v in self.image_mean)
-        self.image_std = tuple(float(v) for v in self.image_std)
         problems = []
         if self.chat_template not in CHAT_TEMPLATES:
             problems.append(f"chat_template={self.chat_template!r} is not one of {CHAT_TEMPLATES}")
@@ -76,12 +81,6 @@ class DataConfig:
             problems.append(f"max_frames={self.max_frames} must be >= 1")
         if self.image_size < 1:
             problems.append(f"image_size={self.image_size} must be >= 1")
-        if len(self.image_mean) != 3 or len(self.image_std) != 3:
-            problems.append(
-                f"image_mean {self.image_mean} and image_std {self.image_std} need 3 values each"
-            )
-        elif min(self.image_std) <= 0:
-            problems.append(f"image_std={self.image_std} must be > 0")
         if self.tokens_per_frame < 1:
             problems.append(f"tokens_per_frame={self.tokens_per_frame} must be >= 1")
         if self.max_seq_length < 2:
@@ -90,6 +89,8 @@ class DataConfig:
             problems.append(f"micro_batch_size={self.micro_batch_size} must be >= 1")
         if self.packing and self.packing_buffer_size < 1:
             problems.append(f"packing_buffer_size={self.packing_buffer_size} must be >= 1")
+        if self.max_consecutive_skips < 1:
+            problems.append(f"max_consecutive_skips={self.max_consecutive_skips} must be >= 1")
         if self.num_workers < 0:
             problems.append(f"num_workers={self.num_workers} must be >= 0")
         if self.max_samples_per_sequence is not None and self.max_samples_per_sequence < 1:

@@ -50,7 +50,7 @@ class TrainLoader:
         self.tokenizer = tokenizer or load_tokenizer(
             config.tokenizer_path, get_template(config.chat_template).markers
         )
-        self.issues = SampleIssues()
+        self.issues = SampleIssues(config.max_consecutive_skips)
         encoder = LongVILATaskEncoder(config, self.tokenizer, self.issues)
         worker_config = WorkerConfig(
             rank=dp_rank,

@@ -4,6 +4,9 @@ A sample is the tar members ``<key>.<part>``:
 
 * ``json``: the conversation, either a list of turns ``[{"from": "human", "value": ...},
   {"from": "gpt", "value": ...}]`` or an object ``{"conversations": [...], ...metadata}``.
+* or a caption sample, video2dataset's (and img2dataset's) layout: ``txt`` holds the caption
+  (UTF-8) and ``json``, if present, only metadata. It becomes the one-turn conversation
+  ``[human: <caption prompt>, gpt: <caption>]`` (the prompt is ``DataConfig.caption_prompt``).
 * media: ``<ext>`` for a single item, ``<i>.<ext>`` for several (ordered by ``i``); videos
   ``mp4 mkv webm avi mov``, images ``jpg jpeg png webp bmp``. Other parts are ignored.
 * no media part: a text-only sample.
@@ -47,14 +50,40 @@ def ordered_media_parts(parts: dict) -> list[tuple[str, str, bytes]]:
     return [item for _, _, item in sorted(found, key=lambda f: (f[0], f[1]))]
 
 
-def conversation_from_json(raw: bytes) -> list:
-    """The turns of a sample's ``.json`` part (list form or ``{"conversations": ...}``)."""
-    meta = json.loads(raw)
-    if isinstance(meta, dict):
-        if "conversations" not in meta:
-            raise ConversationError(f"JSON object without 'conversations' (keys: {sorted(meta)})")
+def sample_conversation(parts: dict, caption_prompt: str) -> list:
+    """The turns of a raw sample: its ``.json`` conversation (list form or ``{"conversations":
+    ...}``), else, with a ``.txt`` caption, the caption's one-turn conversation.
+
+    Raises ``ConversationError`` (no conversation, empty or undecodable caption) or
+    ``ValueError`` (``.json`` not JSON).
+    """
+    meta = json.loads(parts["json"]) if "json" in parts else None
+    if isinstance(meta, dict) and "conversations" in meta:
         return meta["conversations"]
-    return meta
+    if meta is not None and not isinstance(meta, dict):
+        return meta
+    if "txt" in parts:
+        return caption_conversation(parts["txt"], caption_prompt)
+    if meta is None:
+        names = sorted(k for k in parts if not k.startswith("__"))
+        raise ConversationError(f"no .json conversation and no .txt caption (parts: {names})")
+    raise ConversationError(
+        f"JSON object without 'conversations' (keys: {sorted(meta)}) and no .txt caption"
+    )
+
+
+def caption_conversation(caption: bytes | str, prompt: str) -> list[dict]:
+    """``[human: prompt, gpt: caption]``; the media placeholders are added like any other
+    conversation's (see the module docstring)."""
+    if isinstance(caption, bytes):
+        try:
+            caption = caption.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConversationError(f".txt caption is not UTF-8: {exc}") from None
+    caption = caption.strip()
+    if not caption:
+        raise ConversationError(".txt caption is empty")
+    return [{"from": "human", "value": prompt}, {"from": "gpt", "value": caption}]
 
 
 def placeholder_sequence(turns: Sequence[dict]) -> list[str]:

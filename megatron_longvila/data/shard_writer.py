@@ -5,6 +5,11 @@ Input records (one JSON object per line)::
     {"id": "clip42", "video": "clips/42.mp4", "conversations": [
         {"from": "human", "value": "<video>\\nWhat happens?"}, {"from": "gpt", "value": "..."}]}
 
+A caption record has a ``caption`` string instead of ``conversations`` (and at least one media
+item)::
+
+    {"id": "clip43", "video": "clips/43.mp4", "caption": "A dog runs after a ball."}
+
 Media fields: ``video`` / ``videos`` / ``image`` / ``images`` (paths relative to the media
 root, which they may not leave). No media field: a text-only sample. Other fields are kept as
 metadata in the sample's ``.json``.
@@ -13,8 +18,11 @@ Output: ``<out>/shard-000000.tar``, ... each at most ``max_shard_bytes`` (a sing
 gets a shard of its own), then Energon's metadata (``shard_index.prepare_energon_dataset``).
 Each sample is ``<key>.json`` (``{"conversations": [...], ...metadata}``) plus ``<key>.<ext>``
 for one media item or ``<key>.<i>.<ext>`` for several, numbered in the order their placeholders
-appear in the text. Every video is probed first (header, first and last frame decoded); records
-with unreadable media, bad paths or invalid conversations are reported and skipped. Shards are
+appear in the text. A caption record is written in video2dataset's layout: ``<key>.txt`` (the
+caption), ``<key>.json`` (the metadata) and the media; the loader turns it into a conversation
+with ``DataConfig.caption_prompt``. Every video is probed first (header, first and last frame
+decoded); records with unreadable media, bad paths or invalid conversations are reported and
+skipped. Shards are
 written to a temporary name and renamed when complete. Nothing is written outside ``<out>``.
 """
 
@@ -173,14 +181,28 @@ def _read_media(media_root: Path, relative: str, kind: str) -> tuple[str, bytes]
     return ext, data
 
 
+def _caption_of(record: dict) -> str | None:
+    """The caption of a caption record (no ``conversations``), None for a conversation record."""
+    if "conversations" in record or "caption" not in record:
+        return None
+    caption = record["caption"]
+    if not isinstance(caption, str) or not caption.strip():
+        raise _RecordError(f"caption must be a non-empty string, got {caption!r}")
+    return caption.strip()
+
+
 def sample_parts(record: dict, media_root: Path) -> dict[str, bytes]:
     """The tar parts (extension -> bytes) of one JSONL record; raises on anything invalid."""
-    turns = record.get("conversations")
-    try:
-        normalize_conversation(turns)
-    except ConversationError as exc:
-        raise _RecordError(f"invalid conversation: {exc}") from exc
+    caption = _caption_of(record)
+    turns = [] if caption is not None else record.get("conversations")
+    if caption is None:
+        try:
+            normalize_conversation(turns)
+        except ConversationError as exc:
+            raise _RecordError(f"invalid conversation: {exc}") from exc
     items = _media_items(record)
+    if caption is not None and not items["video"] + items["image"]:
+        raise _RecordError("a caption record needs a video or an image to describe")
     order = placeholder_sequence(turns)
     counts = {kind: order.count(kind) for kind in items}
     if order and any(counts[k] != len(items[k]) for k in items):
@@ -192,10 +214,13 @@ def sample_parts(record: dict, media_root: Path) -> dict[str, bytes]:
         order = ["video"] * len(items["video"]) + ["image"] * len(items["image"])
     next_of = {kind: iter(paths) for kind, paths in items.items()}
     media = [(kind, *_read_media(media_root, next(next_of[kind]), kind)) for kind in order]
-    meta = {k: v for k, v in record.items() if k not in MEDIA_FIELDS}
-    meta["conversations"] = turns
+    meta = {k: v for k, v in record.items() if k not in MEDIA_FIELDS and k != "caption"}
+    if caption is None:
+        meta["conversations"] = turns
     meta["media"] = [kind for kind, _, _ in media]
     parts = {"json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
+    if caption is not None:
+        parts["txt"] = caption.encode("utf-8")
     for i, (_, ext, data) in enumerate(media):
         parts[ext if len(media) == 1 else f"{i}.{ext}"] = data
     return parts

@@ -3,12 +3,13 @@
 Stages (Energon calls them in this order; each may skip a sample, see ``sample_issues.ISSUES``):
 
 1. cook (:meth:`LongVILATaskEncoder.cook`): raw tar parts -> :class:`RawConversation`
-   (parsed ``.json`` conversation, media parts in order).
+   (parsed ``.json`` conversation or ``.txt`` caption, media parts in order).
 2. pre-encode: chat template -> token ids and labels; videos probed and their frame indices
    chosen; the expanded length ``tokens - placeholders + frames × tokens_per_frame`` checked
    against ``max_seq_length``. Cheap: no frame is decoded, so packing buffers stay small.
 3. packing (optional): first-fit decreasing over a buffer of pre-encoded samples.
-4. post-encode: frames decoded by seeking, resized (pad|crop), normalized -> MultimodalSample.
+4. post-encode: frames decoded by seeking, scaled (and cropped) as uint8 -> MultimodalSample
+   (the model pads and normalizes them on its device).
 5. batch: rows (one sample, or one pack) padded into a MultimodalBatch.
 
 The layout of a sample in a shard is described in ``sample_format``.
@@ -30,9 +31,9 @@ from megatron_longvila.data.chat_template import (
 from megatron_longvila.data.config import DataConfig
 from megatron_longvila.data.packing import collate_rows, pack_first_fit
 from megatron_longvila.data.sample_format import (
-    conversation_from_json,
     ordered_media_parts,
     placeholder_sequence,
+    sample_conversation,
     with_placeholders,
 )
 from megatron_longvila.data.sample_issues import SampleIssues
@@ -48,8 +49,8 @@ from megatron_longvila.data.video import (
 from megatron_longvila.data.vision_transform import (
     ImageDecodeError,
     decode_image,
+    fit_frames,
     scaled_size,
-    to_tower_input,
 )
 
 
@@ -102,10 +103,8 @@ class LongVILATaskEncoder(DefaultTaskEncoder):
         key = str(raw.get("__key__", "?"))
         if READ_ERROR_FIELD in raw:
             self.issues.skip("tar_read_error", key, raw[READ_ERROR_FIELD])
-        if "json" not in raw:
-            self.issues.skip("bad_json", key, f"no .json part (parts: {sorted(_parts(raw))})")
         try:
-            turns = conversation_from_json(raw["json"])
+            turns = sample_conversation(raw, self.config.caption_prompt)
             normalize_conversation(turns)
         except ConversationError as exc:
             self.issues.skip("bad_json", key, str(exc))
@@ -210,11 +209,8 @@ class LongVILATaskEncoder(DefaultTaskEncoder):
                     frames = [decode_image(item.data, cfg.image_size, cfg.resize_mode)]
                 except ImageDecodeError as exc:
                     self.issues.skip("corrupt_image", sample.__key__, str(exc))
-            tensors.append(
-                to_tower_input(
-                    frames, cfg.image_size, cfg.resize_mode, cfg.image_mean, cfg.image_std
-                )
-            )
+            tensors.append(fit_frames(frames, cfg.image_size, cfg.resize_mode))
+        self.issues.delivered()
         return MultimodalSample(
             key=sample.__key__,
             input_ids=sample.input_ids,
@@ -228,7 +224,3 @@ class LongVILATaskEncoder(DefaultTaskEncoder):
     def batch(self, rows: list) -> MultimodalBatch:
         rows = [row if isinstance(row, list) else [row] for row in rows]
         return collate_rows(rows, self.tokenizer.pad_id)
-
-
-def _parts(raw: dict) -> list[str]:
-    return [k for k in raw if not k.startswith("__")]

@@ -5,9 +5,10 @@
           ``expand2square``.
 ``crop``: scale so the shorter side equals ``image_size``, then cut the centre square.
 
-Scaling happens while decoding (swscale for video frames, PIL for images), so only the small
-frame is converted to float; frames decoded at another size are scaled by :func:`scale_frames`
-(PIL, as images are).
+Scaling happens while decoding (swscale for video frames, PIL for images); frames decoded at
+another size are scaled by :func:`scale_frames` (PIL, as images are). The loader stops at
+uint8 (:func:`fit_frames`: a quarter of the bytes, no float pass on the CPU); the model's first
+stage pads and normalizes them with :func:`to_tower_input` on its own device.
 """
 
 from __future__ import annotations
@@ -38,53 +39,81 @@ def scaled_size(width: int, height: int, image_size: int, mode: str) -> tuple[in
     raise ValueError(f"resize mode must be 'pad' or 'crop', got {mode!r}")
 
 
-def _new_output(shape: tuple[int, ...]) -> torch.Tensor:
-    """float32 tensor; in a DataLoader worker it lives in shared memory, so sending it to the
+def _new_output(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor; in a DataLoader worker it lives in shared memory, so sending it to the
     training process costs no copy (as torch's default collate does)."""
     if torch.utils.data.get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.float32)
-    storage = torch.empty(0)._typed_storage()._new_shared(math.prod(shape))
-    return torch.empty(0).new(storage).resize_(*shape)
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage).view(shape)
+
+
+def _check_uint8_frames(frames: Sequence[torch.Tensor]) -> tuple[int, int]:
+    if len(frames) == 0:
+        raise ValueError("no frames given")
+    _, h, w = frames[0].shape
+    if any(tuple(f.shape) != (3, h, w) or f.dtype != torch.uint8 for f in frames):
+        raise ValueError(
+            f"frames must all be uint8 [3, {h}, {w}], got {[tuple(f.shape) for f in frames][:4]}"
+        )
+    return h, w
+
+
+def fit_frames(frames: Sequence[torch.Tensor], image_size: int, mode: str) -> torch.Tensor:
+    """uint8 frames, each [3, h, w] and already scaled by :func:`scaled_size` -> uint8
+    [n, 3, h', w'], what the loader delivers: ``crop`` cuts the centre square (h' = w' =
+    ``image_size``); ``pad`` keeps the frames as they are (the longer side is ``image_size``),
+    and :func:`to_tower_input` centres them on a square of the mean colour where they are
+    normalized (on the model's device).
+
+    The result is channels-last in memory (a ``[n, h', w', 3]`` buffer viewed as
+    ``[n, 3, h', w']``): decoded frames are interleaved RGB, so each frame is one plain copy;
+    the model's device does the transposition as it normalizes.
+    """
+    h, w = _check_uint8_frames(frames)
+    rows, columns = slice(None), slice(None)
+    if mode == "crop":
+        top, left = (h - image_size) // 2, (w - image_size) // 2
+        rows, columns = slice(top, top + image_size), slice(left, left + image_size)
+        h = w = image_size
+    out = _new_output((len(frames), h, w, 3), torch.uint8)
+    for i, frame in enumerate(frames):
+        out[i].copy_(frame.permute(1, 2, 0)[rows, columns])
+    return out.permute(0, 3, 1, 2)
 
 
 def to_tower_input(
-    frames: Sequence[torch.Tensor],
+    frames: torch.Tensor | Sequence[torch.Tensor],
     image_size: int,
     mode: str,
     mean: Sequence[float],
     std: Sequence[float],
 ) -> torch.Tensor:
-    """uint8 frames, each [3, h, w] and already scaled by :func:`scaled_size` -> float32
-    [n, 3, image_size, image_size], normalized as ``(x / 255 - mean) / std``.
-
-    One pass per frame writes the output (uint8 read, float written), which matters at
-    hundreds of frames per sample.
+    """uint8 frames ([n, 3, h, w], or n of [3, h, w]) scaled by :func:`scaled_size` -> float32
+    [n, 3, image_size, image_size] on the frames' device, normalized as ``(x / 255 - mean) /
+    std``; ``pad`` centres them on the mean colour (zero after normalization), ``crop`` cuts the
+    centre square. One pass reads the uint8 and writes the float output.
     """
-    if not frames:
-        raise ValueError("no frames given")
-    _, h, w = frames[0].shape
-    if any(f.shape != (3, h, w) or f.dtype != torch.uint8 for f in frames):
-        raise ValueError(
-            f"frames must all be uint8 [3, {h}, {w}], got {[tuple(f.shape) for f in frames][:4]}"
-        )
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    if isinstance(frames, torch.Tensor):
+        shape = tuple(frames.shape)
+        if len(shape) != 4 or frames.dtype != torch.uint8 or shape[0] < 1 or shape[1] != 3:
+            raise ValueError(f"frames must be uint8 [n >= 1, 3, h, w], got {frames.dtype} {shape}")
+        pixels = frames
+    else:
+        _check_uint8_frames(frames)
+        pixels = torch.stack(list(frames))
+    h, w = pixels.shape[2:]
+    device = pixels.device
+    std_t = torch.tensor(std, dtype=torch.float32, device=device).view(3, 1, 1)
     scale = 1.0 / (255.0 * std_t)
-    shift = -torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / std_t
-    out = _new_output((len(frames), 3, image_size, image_size))
+    shift = -torch.tensor(mean, dtype=torch.float32, device=device).view(3, 1, 1) / std_t
     if mode == "crop":
         top, left = (h - image_size) // 2, (w - image_size) // 2
-        crop = (slice(None), slice(top, top + image_size), slice(left, left + image_size))
-        for i, frame in enumerate(frames):
-            torch.addcmul(shift, frame[crop], scale, out=out[i])
-        return out
+        crop = pixels[:, :, top : top + image_size, left : left + image_size]
+        return torch.addcmul(shift, crop, scale)
     top, left = (image_size - h) // 2, (image_size - w) // 2
-    # Padding is the mean colour, which normalizes to exactly zero.
-    out[:, :, :top].zero_()
-    out[:, :, top + h :].zero_()
-    out[:, :, top : top + h, :left].zero_()
-    out[:, :, top : top + h, left + w :].zero_()
-    for i, frame in enumerate(frames):
-        torch.addcmul(shift, frame, scale, out=out[i, :, top : top + h, left : left + w])
+    out = torch.zeros((len(pixels), 3, image_size, image_size), dtype=torch.float32, device=device)
+    out[:, :, top : top + h, left : left + w] = torch.addcmul(shift, pixels, scale)
     return out
 
 
@@ -97,7 +126,8 @@ def _scale_rgb(rgb, image_size: int, mode: str):
 
 def scale_frames(frames: Sequence[torch.Tensor], image_size: int, mode: str) -> list[torch.Tensor]:
     """uint8 frames [3, h, w] of any size -> uint8 [3, h', w'] scaled by :func:`scaled_size`
-    (bilinear, as :func:`decode_image` scales images), ready for :func:`to_tower_input`. Frames
+    (bilinear, as :func:`decode_image` scales images), ready for :func:`fit_frames` or
+    :func:`to_tower_input`. Frames
     already at that size are returned as they are."""
     from PIL import Image
 

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import multiprocessing
+import os
 import sys
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -34,6 +35,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from megatron_longvila.core.process_lifetime import exit_with_parent
 from megatron_longvila.data.sample_format import VIDEO_EXTENSIONS
 from megatron_longvila.data.shard_writer import WriteReport, write_webdataset
 from megatron_longvila.data.video import VideoDecodeError
@@ -189,7 +191,9 @@ def annotate_and_store(annotator: VideoAnnotator, job: VideoJob) -> Outcome:
 _worker_state: dict = {}
 
 
-def _init_worker(config: BuildConfig, templates: PromptTemplates) -> None:
+def _init_worker(config: BuildConfig, templates: PromptTemplates, parent_pid: int) -> None:
+    # A builder killed mid-run must not leave workers annotating (and writing) on their own.
+    exit_with_parent(parent_pid)
     import torch
 
     torch.set_num_threads(config.threads_per_worker)
@@ -217,7 +221,10 @@ def run_in_processes(
     context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools
     while pending:
         with ProcessPoolExecutor(
-            config.workers, context, initializer=_init_worker, initargs=(config, templates)
+            config.workers,
+            context,
+            initializer=_init_worker,
+            initargs=(config, templates, os.getpid()),
         ) as pool:
             in_flight: dict[Future, VideoJob] = {}
             broken = False

@@ -124,7 +124,8 @@ class LongVILAModel(MegatronModule):
         self.llm = llm
 
     def prepare_inputs(self, batch: MultimodalBatch) -> MMSPInputs:
-        """This rank's inputs for ``batch`` (the same batch on every rank of the sp group)."""
+        """This rank's inputs for ``batch`` (the same batch on every rank of the sp group); its
+        frames are normalized on this model's device."""
         return prepare_mmsp_inputs(
             batch,
             self.cfg,
@@ -134,6 +135,7 @@ class LongVILAModel(MegatronModule):
             tp_sequence_split=self.config.tensor_model_parallel_size
             if self.config.sequence_parallel
             else 1,
+            device=next(self.parameters()).device,
         )
 
     def set_input_tensor(self, input_tensor: torch.Tensor | list[torch.Tensor] | None) -> None:

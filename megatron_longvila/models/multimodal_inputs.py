@@ -13,8 +13,9 @@ sp group and every pipeline stage builds its own inputs from the same batch:
 3. **Positions** restart at 0 in every packed sample (they count visual tokens too).
 4. **Stage 2 split**: zigzag (rank ``r`` keeps chunks ``r`` and ``2·sp−1−r``) of ids, labels,
    positions and segment ids.
-5. **Stage 1 share**: the frames this rank encodes (:func:`frame_range`) and the route of the
-   visual tokens to the ranks holding their positions (:class:`VisualTokenRoute`).
+5. **Stage 1 share**: the frames this rank encodes (:func:`frame_range`), normalized on the
+   model's device when they come as uint8 pixels, and the route of the visual tokens to the
+   ranks holding their positions (:class:`VisualTokenRoute`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from megatron_longvila.core.sequence_parallel.sharding import locate_tokens, sha
 from megatron_longvila.core.sequence_parallel.visual_exchange import VisualTokenRoute, frame_range
 from megatron_longvila.core.topology import sequence_multiple
 from megatron_longvila.data.batch import IGNORE_INDEX, PAD_SEGMENT, MultimodalBatch
-from megatron_longvila.models.config import LongVILAConfig
+from megatron_longvila.data.vision_transform import to_tower_input
+from megatron_longvila.models.config import LongVILAConfig, VisionConfig
 
 
 @dataclass
@@ -90,7 +92,8 @@ def placeholder_mask(batch: MultimodalBatch, cfg: LongVILAConfig) -> torch.Tenso
     """Where the batch's ``<image>``/``<video>`` placeholders are: [b, s] bool (padding left out).
 
     Refuses a batch whose placeholders and media disagree: one placeholder per media item, and
-    every media item ``[frames ≥ 1, C, H, W]`` at the vision tower's size.
+    every media item ``[frames ≥ 1, C, H, W]`` at the vision tower's size S (float, normalized)
+    or uint8 pixels ``[frames ≥ 1, C, h, w]`` with h, w ≤ S (see :func:`tower_pixels`).
     """
     ids = batch.input_ids
     placeholders = (ids == cfg.image_token_id) | (ids == cfg.video_token_id)
@@ -103,12 +106,19 @@ def placeholder_mask(batch: MultimodalBatch, cfg: LongVILAConfig) -> torch.Tenso
             "each media item needs exactly one placeholder"
         )
     v = cfg.vision
-    expected = (v.num_channels, v.image_size, v.image_size)
+    c, size = v.num_channels, v.image_size
     for i, media in enumerate(batch.media):
-        if media.dim() != 4 or tuple(media.shape[1:]) != expected or media.shape[0] < 1:
+        shape = tuple(media.shape)
+        fits = len(shape) == 4 and shape[0] >= 1 and shape[1] == c
+        if media.dtype == torch.uint8:
+            fits = fits and max(shape[2:]) <= size
+        else:
+            fits = fits and media.is_floating_point() and shape[2:] == (size, size)
+        if not fits:
             raise ValueError(
-                f"media item {i} has shape {tuple(media.shape)}; the vision tower takes frames "
-                f"[frames >= 1, {', '.join(map(str, expected))}]"
+                f"media item {i} is {media.dtype} {shape}; the vision tower takes float frames "
+                f"[frames >= 1, {c}, {size}, {size}] or uint8 pixels [frames >= 1, {c}, h, w] "
+                f"with h, w <= {size}"
             )
     return placeholders
 
@@ -178,15 +188,38 @@ def expand_batch(batch: MultimodalBatch, cfg: LongVILAConfig, multiple: int = 1)
     return ExpandedBatch(visual_positions=visual_positions, **out)
 
 
-def select_frames(media: list[torch.Tensor], start: int, stop: int) -> torch.Tensor | None:
+def tower_pixels(
+    frames: torch.Tensor, vision: VisionConfig | None, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Frames of one media item as the tower's input on ``device`` (default: where they are):
+    float [n, C, S, S] is taken as normalized; uint8 [n, C, h, w] (h, w ≤ S) is moved as uint8,
+    then centred on a square of the mean colour and normalized with ``vision``'s mean and std
+    there (:func:`~megatron_longvila.data.vision_transform.to_tower_input`)."""
+    frames = frames.to(device, non_blocking=True) if device is not None else frames
+    if frames.dtype != torch.uint8:
+        return frames
+    if vision is None:
+        raise ValueError("uint8 frames need the vision config to be normalized")
+    return to_tower_input(frames, vision.image_size, "pad", vision.image_mean, vision.image_std)
+
+
+def select_frames(
+    media: list[torch.Tensor],
+    start: int,
+    stop: int,
+    vision: VisionConfig | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor | None:
     """Frames ``[start, stop)`` of the batch (media items in order, frames in order) as one
-    tensor [stop − start, C, H, W]; None when there are none."""
+    tower input [stop − start, C, S, S] on ``device`` (see :func:`tower_pixels`; ``vision`` is
+    needed for uint8 media); None when there are none. Only the selected frames are moved and
+    normalized."""
     parts, offset = [], 0
     for item in media:
         n = int(item.shape[0])
         lo, hi = max(start - offset, 0), min(stop - offset, n)
         if lo < hi:
-            parts.append(item[lo:hi])
+            parts.append(tower_pixels(item[lo:hi], vision, device))
         offset += n
     return torch.cat(parts) if parts else None
 
@@ -198,10 +231,12 @@ def prepare_mmsp_inputs(
     sp_rank: int = 0,
     with_frames: bool = True,
     tp_sequence_split: int = 1,
+    device: torch.device | str | None = None,
 ) -> MMSPInputs:
     """Rank ``sp_rank``'s inputs for ``batch`` split over ``sp`` ranks (see the module docstring).
 
-    ``with_frames=False`` leaves the pixels out (pipeline stages after the first).
+    ``with_frames=False`` leaves the pixels out (pipeline stages after the first); otherwise
+    this rank's frames become the tower's input on ``device`` (:func:`select_frames`).
     ``tp_sequence_split``: the tensor-parallel size under Megatron's TP sequence parallelism (each
     shard is split again over tp, so ``S`` is a multiple of ``2·sp·tp``), else 1.
     """
@@ -214,7 +249,7 @@ def prepare_mmsp_inputs(
     frames = None
     if with_frames:
         start, stop = frame_range(batch.num_frames, sp, sp_rank)
-        frames = select_frames(batch.media, start, stop)
+        frames = select_frames(batch.media, start, stop, cfg.vision, device)
     segments = full.segment_ids
     packed = bool(((segments != segments[:, :1]) & (segments != PAD_SEGMENT)).any())
     return MMSPInputs(

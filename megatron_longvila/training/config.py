@@ -6,14 +6,17 @@ lets the launcher plan it for the allocation, see :mod:`.auto_layout`), ``model`
 architecture preset, overrides, which modules are frozen), ``data`` (the data pipeline's
 :class:`~megatron_longvila.data.config.DataConfig`), ``optimizer`` (AdamW, warm-up + cosine,
 clipping). Everything is checked by :func:`load_train_config` before any process group starts:
-unknown keys, wrong types, sizes that do not divide, paths that do not exist.
+unknown keys, wrong types, values out of range, sizes that do not divide (by the topology's one
+validator), paths that do not exist or hold no dataset / checkpoint, and a resume onto another
+world or dp size.
 
-``data.image_size``, ``image_mean``, ``image_std`` and ``tokens_per_frame`` follow from the
-model and are filled in when the YAML leaves them out; a YAML value that disagrees is an error.
+``data.image_size`` and ``tokens_per_frame`` follow from the model and are filled in when the
+YAML leaves them out; a YAML value that disagrees is an error.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,8 +24,14 @@ from typing import Any, Literal
 
 import yaml
 
+from megatron_longvila.checkpoint.layout import (
+    TRAIN_STATE,
+    CheckpointError,
+    latest_dir,
+    resolve_checkpoint_dir,
+)
 from megatron_longvila.core.topology import MMSPTopology
-from megatron_longvila.data.config import DataConfig
+from megatron_longvila.data.config import ENERGON_DATASET_FILE, DataConfig
 from megatron_longvila.models.config import MODULES, TOKEN_ORDERS, LongVILAConfig
 from megatron_longvila.models.config import ConfigError as ModelConfigError
 from megatron_longvila.training.config_io import ConfigError, apply_overrides, from_dict
@@ -131,6 +140,15 @@ class OptimizerSection:
             )
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.adam_eps <= 0:
+            raise ValueError(f"adam_eps must be > 0, got {self.adam_eps}")
+        if self.clip_grad < 0:
+            raise ValueError(f"clip_grad must be >= 0 (0: no clipping), got {self.clip_grad}")
 
 
 @dataclass
@@ -175,8 +193,6 @@ def explicit_layout_wins(tree: dict[str, Any], overrides: list[str]) -> None:
 def _derived_data_fields(arch: LongVILAConfig) -> dict[str, Any]:
     return {
         "image_size": arch.vision.image_size,
-        "image_mean": list(arch.vision.image_mean),
-        "image_std": list(arch.vision.image_std),
         "tokens_per_frame": arch.tokens_per_frame,
     }
 
@@ -186,8 +202,10 @@ def load_train_config(
 ) -> TrainConfig:
     """Read, override, fill in and check a training config (see module docstring).
 
-    ``world_size`` (default: ``WORLD_SIZE`` from the launcher, if set) is checked against the
-    parallel sizes here, before any process group exists.
+    ``world_size`` (default: ``WORLD_SIZE`` from the launcher, else 1: the world of its own that
+    ``platform.init_distributed`` makes without a launcher) is checked against the parallel
+    sizes here, before any process group exists, and so is resuming the run's own checkpoints
+    on that world (:func:`check_resume`).
     """
     tree: dict[str, Any] = {}
     if path is not None:
@@ -229,6 +247,7 @@ def load_train_config(
     world_size = world_size or int(os.environ.get("WORLD_SIZE", "0")) or None
     if world_size is not None:
         check_world(config, arch, world_size)
+        check_resume(config, world_size)
     return config
 
 
@@ -237,14 +256,33 @@ def _as_list(value: Any) -> Any:
 
 
 def check_paths(config: TrainConfig) -> None:
+    """Every input path exists and is what it claims: a prepared Energon dataset (its
+    ``.nv-meta/dataset.yaml``) or a metadataset file, a checkpoint for ``init.checkpoint``."""
     for name in ("dataset_path", "tokenizer_path"):
         value = getattr(config.data, name)
         if not Path(value).exists():
             raise ConfigError(f"data.{name}: {value} does not exist")
+    dataset = Path(config.data.dataset_path)
+    if dataset.is_dir() and not (dataset / ENERGON_DATASET_FILE).is_file():
+        raise ConfigError(
+            f"data.dataset_path: {dataset} has no Energon metadata ({ENERGON_DATASET_FILE}): "
+            "prepare the shards first (tools/make_webdataset.py prepares what it writes; "
+            "`energon prepare` prepares other webdataset folders)"
+        )
     for name in ("checkpoint", "hf"):
         value = getattr(config.init, name)
         if value and not Path(value).exists():
             raise ConfigError(f"init.{name}: {value} does not exist")
+    if config.init.checkpoint:
+        try:
+            directory = resolve_checkpoint_dir(config.init.checkpoint)
+        except CheckpointError as exc:
+            raise ConfigError(f"init.checkpoint: {exc}") from None
+        if not (directory / TRAIN_STATE).is_file():
+            raise ConfigError(
+                f"init.checkpoint: {directory} has no {TRAIN_STATE}: not a finished checkpoint "
+                "of this trainer"
+            )
 
 
 def hf_token_order(init: InitConfig) -> str:
@@ -277,6 +315,32 @@ def check_hf_init(config: TrainConfig) -> None:
 
 def check_world(config: TrainConfig, arch: LongVILAConfig, world_size: int) -> None:
     check_layout(config.parallel, arch, world_size, config.data.max_seq_length)
+
+
+def check_resume(config: TrainConfig, world_size: int) -> None:
+    """A run that resumes its own latest checkpoint must keep the world size and the dp size:
+    the data position is saved per rank and per data-parallel replica (tp, sp and pp may change;
+    the model and optimizer reshard). Refused here, before anything is loaded, naming both
+    layouts; ``init.checkpoint`` starts a new run from those weights instead."""
+    latest = latest_dir(config.checkpoint_dir)
+    if latest is None:
+        return
+    try:
+        state = json.loads((latest / TRAIN_STATE).read_text(encoding="utf-8"))
+        saved_world = int(state["world_size"])
+        saved = from_dict(ParallelConfig, state["config"]["parallel"], "parallel")
+    except (OSError, ValueError, KeyError, TypeError, ConfigError) as exc:
+        raise ConfigError(f"cannot resume {latest}: unreadable {TRAIN_STATE} ({exc})") from None
+    saved_dp = saved_world // saved.topology().model_parallel_size
+    dp = world_size // config.parallel.topology().model_parallel_size
+    if (saved_world, saved_dp) != (world_size, dp):
+        raise ConfigError(
+            f"cannot resume {latest}: it was written by {saved_world} ranks with dp={saved_dp}, "
+            f"this run has {world_size} ranks with dp={dp}. Resuming keeps the exact data "
+            "position only with the same world size and dp size (tp, ulysses, ring and pp may "
+            "change); to continue from these weights with another dp, start a new run "
+            f"(another run.output_dir) with init.checkpoint={latest}"
+        )
 
 
 def check_layout(

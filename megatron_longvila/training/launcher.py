@@ -30,6 +30,7 @@ from megatron_longvila.training import auto_layout
 from megatron_longvila.training.config import (
     AUTO_LAYOUT,
     ModelSection,
+    OptimizerSection,
     ParallelConfig,
     check_layout,
     explicit_layout_wins,
@@ -85,7 +86,10 @@ def resolve_layout(
 ) -> tuple[dict[str, int], auto_layout.AutoLayout | None]:
     """The layout of the YAML's ``parallel`` section on the allocation (dp is what is left after
     tp×sp×pp), checked against the model and the row length by the trainer's own check; with
-    ``parallel: auto`` also the plan that chose it."""
+    ``parallel: auto`` also the plan that chose it. The optimizer section is checked too (the
+    trainer checks everything again, paths included, on the nodes, before any process group
+    starts)."""
+    from_dict(OptimizerSection, tree.get("optimizer") or {}, "optimizer")
     model = from_dict(ModelSection, tree.get("model") or {}, "model")
     try:
         arch = model.build()

@@ -2,12 +2,15 @@
 
 Only rank 0 writes. ``metrics.jsonl`` (one JSON object per optimizer step: loss, learning rate,
 gradient norm, tokens/s, memory, the sample keys of the step) is what tests and people read
-back; TensorBoard and wandb (if installed and asked for) get the same scalars.
+back; TensorBoard and wandb (if installed and asked for) get the same scalars. A run resumed at
+step ``k`` first cuts the file back to steps ``<= k`` (write-temp-then-rename), so every step
+appears once: the steps after the checkpoint are recorded again by the resumed run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,9 @@ class RunLogger:
             return
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self._jsonl = (out / "metrics.jsonl").open("a", encoding="utf-8")
+        metrics = out / "metrics.jsonl"
+        truncate_metrics(metrics, start_step)
+        self._jsonl = metrics.open("a", encoding="utf-8")
         self._bar = tqdm(total=total_steps, initial=start_step, desc=run_name, dynamic_ncols=True)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -77,3 +82,24 @@ class RunLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep only the records of steps ``<= last_step`` in ``path`` (atomically; a line cut by
+    a crash is dropped)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue
+        if isinstance(step, int) and step <= last_step:
+            kept.append(line + "\n")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with tmp.open("w", encoding="utf-8") as handle:
+        handle.writelines(kept)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
