@@ -130,31 +130,13 @@ def te_layer_spec(
         TERowParallelLinear,
     )
 
-    return ModuleSpec(
-        module=TransformerLayer,
-        submodules=TransformerLayerSubmodules(
-            input_layernorm=IdentityOp,
-            self_attention=ModuleSpec(
-                module=SelfAttention,
-                params={"attn_mask_type": attn_mask_type},
-                submodules=SelfAttentionSubmodules(
-                    linear_qkv=TELayerNormColumnParallelLinear,
-                    core_attention=core_attention,
-                    linear_proj=TERowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
-                ),
-            ),
-            self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=IdentityOp,
-            mlp=ModuleSpec(
-                module=MLP,
-                submodules=MLPSubmodules(
-                    linear_fc1=TELayerNormColumnParallelLinear, linear_fc2=TERowParallelLinear
-                ),
-            ),
-            mlp_bda=get_bias_dropout_add,
-        ),
+    return _layer_spec(
+        core_attention,
+        attn_mask_type,
+        norm=IdentityOp,
+        column_linear=TELayerNormColumnParallelLinear,
+        row_linear=TERowParallelLinear,
+        keys_map={},
     )
 
 
@@ -169,34 +151,52 @@ def transformer_layer_spec(
     keys map is megatron-core's local GPT spec's: distributed checkpoints use the names of the
     Transformer Engine layer (:func:`te_layer_spec`).
     """
+    return _layer_spec(
+        core_attention,
+        attn_mask_type,
+        norm=Norm,
+        column_linear=ColumnParallelLinear,
+        row_linear=RowParallelLinear,
+        keys_map={
+            "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
+            "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
+        },
+    )
+
+
+def _layer_spec(
+    core_attention: ModuleSpec | type,
+    attn_mask_type: AttnMaskType,
+    norm: type,
+    column_linear: type,
+    row_linear: type,
+    keys_map: dict[str, str],
+) -> ModuleSpec:
+    """A pre-norm layer: ``norm`` before attention and MLP, ``column_linear`` for QKV and fc1,
+    ``row_linear`` for the output projection and fc2."""
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=Norm,
+            input_layernorm=norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": attn_mask_type},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=ColumnParallelLinear,
+                    linear_qkv=column_linear,
                     core_attention=core_attention,
-                    linear_proj=RowParallelLinear,
+                    linear_proj=row_linear,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=Norm,
+            pre_mlp_layernorm=norm,
             mlp=ModuleSpec(
                 module=MLP,
-                submodules=MLPSubmodules(
-                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
-                ),
+                submodules=MLPSubmodules(linear_fc1=column_linear, linear_fc2=row_linear),
             ),
             mlp_bda=get_bias_dropout_add,
-            sharded_state_dict_keys_map={
-                "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
-                "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
-            },
+            sharded_state_dict_keys_map=keys_map,
         ),
     )
 

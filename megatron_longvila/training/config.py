@@ -244,10 +244,10 @@ def load_train_config(
     config = from_dict(TrainConfig, tree)
     check_paths(config)
     check_hf_init(config)
-    world_size = world_size or int(os.environ.get("WORLD_SIZE", "0")) or None
-    if world_size is not None:
-        check_world(config, arch, world_size)
-        check_resume(config, world_size)
+    # Without a launcher the trainer runs as a world of one (platform.init_distributed).
+    world_size = world_size or int(os.environ.get("WORLD_SIZE", "0")) or 1
+    check_world(config, arch, world_size)
+    check_resume(config, world_size)
     return config
 
 
