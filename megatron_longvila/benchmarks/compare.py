@@ -58,6 +58,7 @@ def run_comparison(
             precision,
             optimizer_bytes_per_param=0,  # the step runs no optimizer
             kernels=kernels_in_use(),
+            memory=cost_model.NO_MEMORY_OPTIONS,  # megatron's own GPTModel keeps everything
         )
     result: dict[str, Any] = {
         "shape": shape.as_dict(),

@@ -137,8 +137,9 @@ def at_scale() -> dict[str, Any]:
             "one sequence per step (dp = 1); the fastest layout of any family at the longest "
             "length; bf16 weights and activations, fp32 gradients and Adam (12 B/param)",
             "LLM only (the vision tower's activations are not counted), no layer recomputation",
-            "Transformer Engine kernels (fused norm+linear, SwiGLU, RoPE): read from TE's "
-            "source, not measured here; the CPU kernels' formulas are the measured ones",
+            "Transformer Engine kernels (fused norm+linear and SwiGLU; RoPE unfused, its angles "
+            "being per token): read from TE's source, not measured here; the CPU kernels' "
+            "formulas are the measured ones",
         ],
     }
 

@@ -55,8 +55,9 @@ class StudySetup:
             "once per step), zero3 = weights, gradients and optimizer states sharded (two weight "
             "all-gathers and a gradient reduce-scatter per micro-batch), both over dp × sp",
             "full activation recomputation only where the layout does not fit without it "
-            "(marked R); memory per GPU from the cost model's formulas (fused GPU kernels, the "
-            "model's default memory options: loss in chunks, MLP activation recomputed)",
+            "(marked R); memory per GPU from the cost model's formulas (Transformer Engine "
+            "kernels, RoPE unfused as the LongVILA LLM runs it; the model's default memory "
+            "options: loss in chunks, MLP activation recomputed)",
             "tp > 1 runs with Megatron's TP sequence parallelism in every family; MM-SP with TP "
             "and Megatron's hierarchical CP (a2a+p2p) have the same schedule in this model",
             "bf16 activations and weights, fp32 gradient reduction and fp32 dK/dV accumulators "
