@@ -41,7 +41,7 @@ from megatron_longvila.models.config import MemoryConfig
 TOLERANCE = 1e-5
 # The reference keeps every tensor for the backward; the layouts run the model's default memory
 # options (chunked loss, recomputed activations and norms), so they are checked here as well.
-PLAIN_CFG = replace(CFG, memory=MemoryConfig(None, False, False, 0))
+PLAIN_CFG = replace(CFG, memory=MemoryConfig.keep_everything())
 LAYOUTS = {  # name: (tp, ulysses, ring, pp); four ranks each
     "sp2_ulysses_dp2": (1, 2, 1, 1),
     "sp2_ring_dp2": (1, 1, 2, 1),

@@ -66,9 +66,10 @@ def measure_loss() -> list[int]:
 @pytest.mark.parametrize("split", list(SPLITS))
 def test_layer_activation_bytes_match_measurement(rank_pools, split):
     ulysses, ring = SPLITS[split]
-    strategy = Strategy("2D" if ulysses > 1 and ring > 1 else "ulysses-only", ulysses=ulysses)
-    if ring > 1:
-        strategy = Strategy("ring-only", ring=ring)
+    # SPLITS has one level at a time: ring-only or Ulysses-only (sp = 1 included).
+    strategy = (
+        Strategy("ring-only", ring=ring) if ring > 1 else Strategy("ulysses-only", ulysses=ulysses)
+    )
     measured = rank_pools(2).run(measure_layers, ulysses, ring)
     for row in measured[0]:
         shape, tokens = SHAPES[row["shape"]]

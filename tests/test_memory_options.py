@@ -27,7 +27,7 @@ from longvila_layouts import OVERRIDES, run_layout
 from megatron_longvila.models.config import MemoryConfig
 
 TOLERANCE = 1e-6
-PLAIN = MemoryConfig(loss_chunk_tokens=None, recompute_activation=False, norm_keeps_input=False)
+PLAIN = MemoryConfig.keep_everything()
 OPTIONS = {
     "loss_in_chunks": replace(PLAIN, loss_chunk_tokens=3),
     "recompute_activation": replace(PLAIN, recompute_activation=True),
@@ -67,6 +67,8 @@ LAYER_RECOMPUTE = {
 def run_options(layout: tuple[int, int, int, int], checkpoint: str) -> dict:
     """Per memory setting (plain first, then each option, then all defaults under megatron's
     full layer recomputation): this rank's loss and gradients in ``layout``."""
+    from megatron.core import parallel_state
+
     settings = {name: (memory, {}) for name, memory in {"plain": PLAIN, **OPTIONS}.items()}
     settings["defaults_with_layer_recompute"] = (MemoryConfig(), LAYER_RECOMPUTE)
     results = {}
@@ -75,8 +77,6 @@ def run_options(layout: tuple[int, int, int, int], checkpoint: str) -> dict:
             *layout, checkpoint, cfg=replace(CFG, memory=memory), overrides={**OVERRIDES, **extra}
         )
         results[name] = {"loss": result["loss"], "grads": result["grads"]}
-        from megatron.core import parallel_state
-
         parallel_state.destroy_model_parallel()
     return results
 

@@ -429,6 +429,11 @@ class MemoryConfig:
             "must be an integer >= 0",
         )
 
+    @classmethod
+    def keep_everything(cls) -> MemoryConfig:
+        """Every option off: the layers keep all their tensors (references and comparisons)."""
+        return cls(loss_chunk_tokens=None, recompute_activation=False, norm_keeps_input=False)
+
 
 # --------------------------------------------------------------------------------------------
 # The whole model

@@ -270,9 +270,7 @@ FUSED_KERNELS = Kernels(
 # cos/sin tables.
 LONGVILA_TE_KERNELS = replace(FUSED_KERNELS, rope_tables=4)
 MODEL_MEMORY_OPTIONS = MemoryConfig()  # what LongVILAConfig.memory defaults to
-NO_MEMORY_OPTIONS = MemoryConfig(
-    loss_chunk_tokens=None, recompute_activation=False, norm_keeps_input=False
-)
+NO_MEMORY_OPTIONS = MemoryConfig.keep_everything()
 
 
 def layer_activation_bytes(
