@@ -65,3 +65,22 @@ def test_synthetic_dataset_lists_videos_and_conversations():
         assert human["value"].startswith("<video>\n") and gpt["value"]
         if r["needle_frames"]:
             assert "number" in human["value"] and gpt["value"].isdigit()
+
+
+def test_synthetic_dataset_of_mixed_lengths_gives_each_video_its_length():
+    jsonl = make_synthetic_dataset(
+        scratch_dir() / "mixed",
+        num_videos=5,
+        num_frames=[8, 24],
+        needle_fraction=1.0,
+        needle_frames=2,
+        width=32,
+        height=32,
+    )
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    lengths = [probe_video((jsonl.parent / r["video"]).read_bytes()).num_frames for r in records]
+    assert lengths == [8, 24, 8, 24, 8]
+    for r, frames in zip(records, lengths):
+        assert len(r["needle_frames"]) == 2 and max(r["needle_frames"]) < frames
+    with pytest.raises(ValueError, match="empty sequence"):
+        make_synthetic_dataset(scratch_dir() / "none", num_videos=1, num_frames=[])

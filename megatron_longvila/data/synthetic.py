@@ -18,7 +18,7 @@ import bisect
 import itertools
 import json
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -238,7 +238,7 @@ def write_synthetic_video(path: str | Path, spec: SyntheticVideoSpec) -> Synthet
 def make_synthetic_dataset(
     out_dir: str | Path,
     num_videos: int = 8,
-    num_frames: int = 48,
+    num_frames: int | Sequence[int] = 48,
     width: int = 64,
     height: int = 64,
     containers: tuple[str, ...] = ("mp4",),
@@ -249,23 +249,29 @@ def make_synthetic_dataset(
 ) -> Path:
     """Videos under ``out_dir/videos`` and ``out_dir/samples.jsonl`` with one conversation per
     video: a caption question, or (for ``needle_fraction`` of them) "which number appears" — a
-    number below ``needle_range`` shown on ``needle_frames`` frames (default an eighth).
+    number below ``needle_range`` shown on ``needle_frames`` frames (default an eighth of the
+    video). ``num_frames`` is every video's length, or a sequence of lengths that the videos
+    take in turn (video ``i`` has ``num_frames[i % len(num_frames)]``): mixed lengths.
     Returns the JSONL path; its records have ``id``, ``video`` (relative path) and
     ``conversations``."""
     out_dir = Path(out_dir)
+    lengths = [num_frames] if isinstance(num_frames, int) else list(num_frames)
+    if not lengths:
+        raise ValueError("num_frames is an empty sequence; give at least one video length")
     rng = random.Random(seed)
     records = []
     for i in range(num_videos):
         ext = containers[i % len(containers)]
+        frames = lengths[i % len(lengths)]
         needle = str(rng.randrange(needle_range)) if rng.random() < needle_fraction else None
         spec = SyntheticVideoSpec(
-            num_frames=num_frames,
+            num_frames=frames,
             width=width,
             height=height,
             seed=seed * 100_003 + i,
             needle_text=needle,
             needle_depth=rng.random(),
-            needle_frames=needle_frames or max(1, num_frames // 8),
+            needle_frames=needle_frames or max(1, frames // 8),
         )
         relative = f"videos/video_{i:05d}.{ext}"
         video = write_synthetic_video(out_dir / relative, spec)
