@@ -20,6 +20,7 @@ import torch
 
 from megatron_longvila.checkpoint.manager import CheckpointManager
 from megatron_longvila.checkpoint.tensors import load_full_tensors
+from megatron_longvila.core.sequence_parallel.visual_exchange import frames_per_rank
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 900
@@ -144,6 +145,12 @@ def test_resume_in_another_layout_gives_the_same_next_loss(tiny_data, tmp_path):
     same, moved = _steps(saved)[3], _steps(resharded)[3]
     assert moved["samples"] == same["samples"]
     assert moved["loss"] == pytest.approx(same["loss"], abs=1e-5)
+    # Stage 1 as the models counted it: at sp 4 every rank encoded its quarter of the frames;
+    # at tp 2 × sp 2 both tensor-parallel ranks of an sp rank encoded that rank's half.
+    for record in _steps(saved).values():
+        assert record["frames_by_rank"] == frames_per_rank(sum(record["media_frames"]), 4)
+    halves = frames_per_rank(sum(moved["media_frames"]), 2)
+    assert moved["frames_by_rank"] == [halves[0], halves[0], halves[1], halves[1]]
     # Another dp size on the same world is refused before any process group or load.
     out = _trainer_main(config, "parallel.ulysses=1", "parallel.ring=2", "run.train_steps=4")
     assert out.returncode == 2, out.stderr[-2000:]

@@ -122,6 +122,14 @@ class LongVILAModel(MegatronModule):
                 params_dtype=params_dtype,
             )
         self.llm = llm
+        #: Frames this rank's vision tower encoded since the last :meth:`take_frames_encoded`
+        #: (its stage-1 share; the trainer logs it per step).
+        self.frames_encoded = 0
+
+    def take_frames_encoded(self) -> int:
+        """The frames encoded since the last call; the counter starts again at zero."""
+        count, self.frames_encoded = self.frames_encoded, 0
+        return count
 
     def prepare_inputs(self, batch: MultimodalBatch) -> MMSPInputs:
         """This rank's inputs for ``batch`` (the same batch on every rank of the sp group); its
@@ -151,6 +159,7 @@ class LongVILAModel(MegatronModule):
         if frames is None or frames.shape[0] == 0:
             weight = self.mm_projector.fc2.weight
             return weight.new_zeros(0, hidden)
+        self.frames_encoded += int(frames.shape[0])
         tokens = self.mm_projector(self.vision_tower(frames))  # [n, T, hidden]
         return tokens.reshape(-1, hidden)
 

@@ -27,6 +27,7 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_longvila.checkpoint.layout import CheckpointError, resolve_checkpoint_dir
 from megatron_longvila.checkpoint.manager import CheckpointManager
@@ -235,6 +236,16 @@ def _sequence_tokens(batch: MultimodalBatch, tokens_per_frame: int) -> int:
     return batch.input_ids.numel() - len(batch.media) + batch.num_frames * tokens_per_frame
 
 
+def _frames_by_rank(model: list) -> list[int]:
+    """Frames each rank's vision tower encoded since the last call (world ranks in order):
+    the stage-1 shares of the step's videos, as the models counted them."""
+    local = sum(get_attr_wrapped_model(chunk, "take_frames_encoded")() for chunk in model)
+    mine = torch.tensor([local], dtype=torch.long, device=platform.local_device())
+    counts = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, mine)
+    return [int(c) for c in counts]
+
+
 def _memory_gb() -> float:
     if platform.cuda_available():
         return torch.cuda.max_memory_allocated() / 2**30
@@ -331,6 +342,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         _, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
         last_loss, loss_tokens = _mean_loss(reduced)
+        frames_by_rank = _frames_by_rank(model)
         elapsed = time.perf_counter() - started
 
         if step % config.run.log_interval == 0 or step == config.run.train_steps:
@@ -345,7 +357,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 "mem_gb": _memory_gb(),
             }
             keys = [key for batch in batches for row in batch.keys for key in row]
-            logger.step(step, scalars, {"samples": keys})
+            media_frames = [int(m.shape[0]) for batch in batches for m in batch.media]
+            logger.step(
+                step,
+                scalars,
+                # media_frames: this replica's videos; frames_by_rank: every rank's share of its
+                # replica's frames (equal shares across the sp group when stage 1 spreads them).
+                {"samples": keys, "media_frames": media_frames, "frames_by_rank": frames_by_rank},
+            )
         if step % config.run.save_interval == 0 or step == config.run.train_steps:
             tensors, meta = rng_state()
             meta["loader"] = loader.state_dict()
