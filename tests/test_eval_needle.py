@@ -160,3 +160,18 @@ def test_heatmap_png(tmp_path):
     assert image.ndim == 3 and image.shape[0] > 50 and image.shape[1] > 50
     with pytest.raises(ValueError, match="expected depths × frames = 3×2"):
         plot_needle_heatmap([[1.0, 0.5]], [8, 16], [0.0, 0.5, 1.0], tmp_path / "x.png")
+    # With the per-length panel and the chance level: a taller figure of the same width.
+    both = plot_needle_heatmap(
+        [[1.0, 0.5], [0.0, None]],
+        [8, 16],
+        [0.0, 1.0],
+        tmp_path / "b.png",
+        by_frames=[0.5, 0.5],
+        chance=0.25,
+    )
+    panels = matplotlib.image.imread(both)
+    assert panels.shape[1] == image.shape[1] and panels.shape[0] > image.shape[0]
+    with pytest.raises(ValueError, match="2 per-length accuracies for 3 lengths"):
+        plot_needle_heatmap(
+            [[1.0, 0.5, 1.0]], [8, 16, 32], [0.0], tmp_path / "y.png", by_frames=[1.0, 0.5]
+        )

@@ -169,7 +169,14 @@ def run_needle(args: argparse.Namespace, haystack: Haystack, predictor: Generato
     if is_rank0():
         heatmap = args.heatmap or args.output.with_suffix(".png")
         grid = summary["grid"]
-        plot_needle_heatmap(grid["accuracy"], args.frame_counts, args.depths, heatmap)
+        plot_needle_heatmap(
+            grid["accuracy"],
+            args.frame_counts,
+            args.depths,
+            heatmap,
+            by_frames=[summary["accuracy_by_frames"][str(n)] for n in args.frame_counts],
+            chance=summary["chance"],
+        )
         summary["heatmap"] = str(heatmap)
     return summary
 
