@@ -1,7 +1,8 @@
 """What a run shows and records: a progress bar, TensorBoard scalars, a JSONL of every step.
 
 Only rank 0 writes. ``metrics.jsonl`` (one JSON object per optimizer step: loss, learning rate,
-gradient norm, tokens/s, memory, the sample keys of the step) is what tests and people read
+gradient norm, tokens/s, memory, the sample keys of the step, its videos' frame counts and the
+frames each rank's vision tower encoded) is what tests and people read
 back; TensorBoard and wandb (if installed and asked for) get the same scalars. A run resumed at
 step ``k`` first cuts the file back to steps ``<= k`` (write-temp-then-rename), so every step
 appears once: the steps after the checkpoint are recorded again by the resumed run.
