@@ -74,28 +74,17 @@ def make_data() -> None:
 
     build_tiny_tokenizer(OUT / "tokenizer", vocab_size=400)
     data = OUT / "data"
-    # Seeds 1-3: the evaluation's haystack (seed 0) is a video no stage trained on.
+    # 48×48 videos, digits 0-9 as needles. Seeds 1-3: the evaluation's haystack (seed 0) is a
+    # video no stage trained on.
+    size = {"width": 48, "height": 48, "needle_range": 10}
+    needles = {**size, "needle_fraction": 1.0}
     make_synthetic_shards(
-        data / "caption",
-        num_videos=16,
-        num_frames=24,
-        width=48,
-        height=48,
-        needle_fraction=0.0,
-        seed=1,
+        data / "caption", num_videos=16, num_frames=24, needle_fraction=0.0, seed=1, **size
     )
     # Short SFT: many short clips with the digit on 4 of 16 frames, enough samples for the tiny
     # model to learn to read a needle frame.
     make_synthetic_shards(
-        data / "needle_short",
-        num_videos=512,
-        num_frames=16,
-        width=48,
-        height=48,
-        needle_fraction=1.0,
-        needle_range=10,
-        needle_frames=4,
-        seed=2,
+        data / "needle_short", num_videos=512, num_frames=16, needle_frames=4, seed=2, **needles
     )
     # Long SFT: 2 needle frames in videos of 16 to 1024 frames, as the evaluation shows them.
     lengths = interleaved(LONG_NEEDLE_MIX)
@@ -103,14 +92,11 @@ def make_data() -> None:
         data / "needle_long",
         num_videos=len(lengths),
         num_frames=lengths,
-        width=48,
-        height=48,
-        needle_fraction=1.0,
-        needle_range=10,
         needle_frames=2,
         seed=3,
+        **needles,
     )
-    # About 7.5k tokens each (25 per filler line): the lengths context extension trains on.
+    # 7.1-7.6k tokens each (about 25 per filler line): the lengths context extension trains on.
     jsonl = make_passkey_text_dataset(data / "passkey" / "raw", num_samples=16, filler_lines=290)
     write_webdataset(jsonl, data / "passkey" / "shards", media_root=data / "passkey" / "raw")
 
