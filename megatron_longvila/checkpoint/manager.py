@@ -110,7 +110,7 @@ class CheckpointManager:
 
         if rank == 0:
             state = {"step": step, "world_size": dist.get_world_size(), **train_state}
-            _write_atomically(partial / TRAIN_STATE, json.dumps(state, indent=2))
+            write_text_atomically(partial / TRAIN_STATE, json.dumps(state, indent=2))
             _fsync_dir(partial)
             self._publish(partial, final)
             self._prune(keep=final)
@@ -121,7 +121,7 @@ class CheckpointManager:
         """Make a fully written checkpoint visible: rename, then move the pointer."""
         os.rename(partial, final)
         _fsync_dir(self.root)
-        _write_atomically(self.root / LATEST, final.name + "\n")
+        write_text_atomically(self.root / LATEST, final.name + "\n")
 
     def _prune(self, keep: Path) -> None:
         for old in self.complete_steps()[: -self.keep_last]:
@@ -175,7 +175,9 @@ def load_model_weights(model: torch.nn.Module, directory: str | Path) -> None:
     model.load_state_dict(loaded)
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` by ``text`` (write a temporary file beside it, fsync, rename): a reader
+    or a crash sees the old file or the new one, never a part."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with tmp.open("w", encoding="utf-8") as handle:
         handle.write(text)

@@ -11,11 +11,12 @@ appears once: the steps after the checkpoint are recorded again by the resumed r
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from megatron_longvila.checkpoint.manager import write_text_atomically
 
 
 class RunLogger:
@@ -98,9 +99,4 @@ def truncate_metrics(path: Path, last_step: int) -> None:
             continue
         if isinstance(step, int) and step <= last_step:
             kept.append(line + "\n")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("w", encoding="utf-8") as handle:
-        handle.writelines(kept)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_text_atomically(path, "".join(kept))
