@@ -236,14 +236,17 @@ def _sequence_tokens(batch: MultimodalBatch, tokens_per_frame: int) -> int:
     return batch.input_ids.numel() - len(batch.media) + batch.num_frames * tokens_per_frame
 
 
-def _frames_by_rank(model: list) -> list[int]:
-    """Frames each rank's vision tower encoded since the last call (world ranks in order):
-    the stage-1 shares of the step's videos, as the models counted them."""
-    local = sum(get_attr_wrapped_model(chunk, "take_frames_encoded")() for chunk in model)
-    mine = torch.tensor([local], dtype=torch.long, device=platform.local_device())
-    counts = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, mine)
-    return [int(c) for c in counts]
+def _frames_encoded(model: list) -> int:
+    """Frames this rank's vision tower encoded since the last call (its stage-1 share)."""
+    return sum(get_attr_wrapped_model(chunk, "take_frames_encoded")() for chunk in model)
+
+
+def _per_rank(value: int) -> list[int]:
+    """``value`` of every rank, world ranks in order (a collective: every rank calls it)."""
+    mine = torch.tensor([value], dtype=torch.long, device=platform.local_device())
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    return [int(v) for v in gathered]
 
 
 def _memory_gb() -> float:
@@ -342,7 +345,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         _, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
         last_loss, loss_tokens = _mean_loss(reduced)
-        frames_by_rank = _frames_by_rank(model)
+        frames = _frames_encoded(model)  # read every step: the count starts again at zero
         elapsed = time.perf_counter() - started
 
         if step % config.run.log_interval == 0 or step == config.run.train_steps:
@@ -358,6 +361,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             }
             keys = [key for batch in batches for row in batch.keys for key in row]
             media_frames = [int(m.shape[0]) for batch in batches for m in batch.media]
+            frames_by_rank = _per_rank(frames)  # logging steps are the same on every rank
             logger.step(
                 step,
                 scalars,
