@@ -101,12 +101,19 @@ def make_data() -> None:
     write_webdataset(jsonl, data / "passkey" / "shards", media_root=data / "passkey" / "raw")
 
 
+def torchrun(nproc: int, module: str, args: list[str], quiet: bool = False) -> None:
+    """``python -m module args`` on ``nproc`` local ranks (one thread each); ``quiet`` drops
+    its stdout (progress bars go to stderr)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    cmd += [f"--nproc-per-node={nproc}", "-m", module, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    stdout = subprocess.DEVNULL if quiet else None
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=stdout)
+
+
 def run_stage(stage: str, nproc: int) -> dict:
     config = ROOT / "examples" / "configs" / "tiny" / f"{stage}.yaml"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += [f"--nproc-per-node={nproc}", "-m", "megatron_longvila.train", "--config", str(config)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True)
+    torchrun(nproc, "megatron_longvila.train", ["--config", str(config)])
     records = [
         json.loads(line)
         for line in (OUT / "runs" / stage / "metrics.jsonl").read_text().splitlines()
@@ -153,16 +160,13 @@ def run_needle_eval(
     nproc: int, checkpoint: Path, output: Path, frame_counts: tuple[int, ...]
 ) -> dict:
     """The model at ``checkpoint`` on the needle task, through the evaluation CLI (torchrun)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd += [f"--nproc-per-node={nproc}", "-m", "megatron_longvila.eval", "needle"]
-    cmd += ["--checkpoint", str(checkpoint), "--output", str(output)]
+    cmd = ["needle", "--checkpoint", str(checkpoint), "--output", str(output)]
     cmd += ["--ring", "2"] if nproc % 2 == 0 and nproc > 2 else []
     cmd += ["--frame-counts", ",".join(map(str, frame_counts))]
     cmd += ["--depths", "0,25,50,75,100", "--trials", str(EVAL_TRIALS)]
     cmd += ["--needle-frames", "2", "--needle-range", "10", "--num-options", "4"]
     cmd += ["--haystack-size", "48", "--seed", "0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    torchrun(nproc, "megatron_longvila.eval", cmd, quiet=True)
     return json.loads(output.read_text())["summary"]
 
 
@@ -250,7 +254,7 @@ def main() -> int:
     for step in list(shown.values())[:4]:
         print(
             f"  step {step['step']}: videos of {step['videos']} frames, "
-            f"frames encoded by ranks 0-3: {step['frames_by_rank']}"
+            f"frames encoded by each rank: {step['frames_by_rank']}"
         )
 
     hf_folder = timer.part("export to Hugging Face", export_to_hf)
